@@ -1,0 +1,5 @@
+"""``python -m cdcsync``."""
+
+from cdcsync.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""I/O adapters: PostgreSQL, Kafka, Kafka Connect REST, Prometheus."""

@@ -1,0 +1,1 @@
+"""The command line: formats output and sends requests; the logic lives elsewhere."""

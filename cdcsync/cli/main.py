@@ -1,0 +1,54 @@
+"""Entry point of the ``cdcsync`` command.
+
+Each command group lives in its own module and registers itself on :data:`app`; this
+module only wires them and maps :class:`~cdcsync.errors.CdcsyncError` to exit codes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from cdcsync.errors import CdcsyncError
+
+app = typer.Typer(
+    name="cdcsync",
+    help="Move a live PostgreSQL database to another with a measured write freeze.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def _register() -> None:
+    # Imported for their side effect of adding commands to ``app``.
+    from cdcsync.cli import stack_cmd  # noqa: F401
+
+
+def main() -> None:
+    """Run the CLI; known errors print one clear message and exit with their code."""
+    _register()
+    try:
+        app(standalone_mode=False)
+    except CdcsyncError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
