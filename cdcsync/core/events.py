@@ -100,6 +100,9 @@ class RowChange:
     source: SourceInfo
     position: Position
     columns: tuple[Column, ...] = field(default=())
+    #: Columns whose value the event cannot carry exactly (see DEBEZIUM.md): the
+    #: applier must read them from the source by key, or halt; never write them as sent.
+    inexact: frozenset[str] = field(default=frozenset())
 
     @property
     def keyed(self) -> bool:
