@@ -1,0 +1,3 @@
+"""Shared test configuration: the stack fixtures are a plugin module."""
+
+pytest_plugins = ["tests.fix_stack"]
