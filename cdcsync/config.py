@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from cdcsync.errors import ConfigError
@@ -37,6 +39,8 @@ ENV_VARS: dict[str, str] = {
     "CDCSYNC_TARGET_PASSWORD_FILE": "file holding the target password (kept out of the DSN)",
     "CDCSYNC_KAFKA_BOOTSTRAP": "Kafka bootstrap servers, host:port[,host:port]",
     "CDCSYNC_CONNECT_URL": "Kafka Connect REST URL, e.g. http://127.0.0.1:8083",
+    "CDCSYNC_CONNECT_SECRETS_FILE": "path, on the Connect worker, of a properties file with "
+    "source.password and target.password (read there by Connect's file config provider)",
     "CDCSYNC_MIGRATION_ID": "name of this migration; prefixes slot, publication, topics",
     "CDCSYNC_SCHEMAS": "comma-separated source schemas to migrate (default: all non-system)",
     "CDCSYNC_TABLES": "comma-separated schema.table list to migrate (default: all in SCHEMAS)",
@@ -89,9 +93,11 @@ class Settings(BaseSettings):
     target_password_file: Path | None = None
     kafka_bootstrap: str = ""
     connect_url: str = ""
+    connect_secrets_file: str | None = None
     migration_id: str = "cdcsync"
-    schemas: list[str] = Field(default_factory=list)
-    tables: list[str] = Field(default_factory=list)
+    # Comma-separated in the environment, not JSON: NoDecode leaves the split to us.
+    schemas: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    tables: Annotated[list[str], NoDecode] = Field(default_factory=list)
     workers: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, le=256)
     metrics_addr: str = "127.0.0.1:9187"
     state_schema: str = "cdcsync"
@@ -181,7 +187,9 @@ def redact_dsn(dsn: str) -> str:
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from the YAML file, the environment and explicit overrides."""
-    path = config or (Path(os.environ["CDCSYNC_CONFIG"]) if "CDCSYNC_CONFIG" in os.environ else None)
+    if config is None and os.environ.get("CDCSYNC_CONFIG"):
+        config = Path(os.environ["CDCSYNC_CONFIG"])
+    path = config
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -198,11 +206,14 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     try:
         settings = Settings(**data)
         if overrides:
-            settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+            given = {k: v for k, v in overrides.items() if v is not None}
+            settings = Settings.model_validate({**settings.model_dump(), **given})
     except ValidationError as exc:
         where = f" in {path}" if path else ""
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid environment variable: {exc}") from None
     return settings

@@ -107,7 +107,14 @@ def stack() -> Iterator[StackHandle]:
     if backend != "local":
         raise pytest.UsageError(f"CDCSYNC_TEST_BACKEND={backend!r}: use local or testcontainers")
     if all(os.environ.get(v) for v in _CONTRACT):
-        yield StackHandle(None, {v: os.environ[v] for v in (*_CONTRACT, "CDCSYNC_CONNECT_SECRETS_FILE") if v in os.environ})
+        yield StackHandle(
+            None,
+            {
+                v: os.environ[v]
+                for v in (*_CONTRACT, "CDCSYNC_CONNECT_SECRETS_FILE")
+                if v in os.environ
+            },
+        )
         return
     root = Path(os.environ.get("CDCSYNC_TEST_STACK_DIR", REPO / ".stack" / "test"))
     local = LocalStack(root)

@@ -16,9 +16,9 @@ import pytest
 @contextlib.contextmanager
 def testcontainers_stack() -> Iterator[dict[str, str]]:
     try:
-        import docker  # type: ignore[import-not-found]
-        from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found]
-        from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]
+        import docker  # type: ignore[import-untyped,unused-ignore]
+        from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found,unused-ignore]
+        from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise pytest.UsageError(
             f"CDCSYNC_TEST_BACKEND=testcontainers needs the testcontainers package: {exc}"
@@ -26,7 +26,9 @@ def testcontainers_stack() -> Iterator[dict[str, str]]:
     try:
         docker.from_env().ping()
     except Exception as exc:
-        raise pytest.UsageError(f"CDCSYNC_TEST_BACKEND=testcontainers: no Docker engine ({exc})")
+        raise pytest.UsageError(
+            f"CDCSYNC_TEST_BACKEND=testcontainers: no Docker engine ({exc})"
+        ) from exc
     command = "postgres -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20"
     with (
         PostgresContainer("postgres:15", driver=None).with_command(command) as source,

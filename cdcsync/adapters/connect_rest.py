@@ -20,9 +20,7 @@ class ConnectClient:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            resp = self.session.request(
-                method, f"{self.url}{path}", timeout=self.timeout, **kwargs
-            )
+            resp = self.session.request(method, f"{self.url}{path}", timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
             raise PreconditionError(f"Kafka Connect at {self.url} unreachable: {exc}") from exc
         if resp.status_code == 404:

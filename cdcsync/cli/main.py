@@ -26,7 +26,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
-    from cdcsync.cli import stack_cmd  # noqa: F401
+    from cdcsync.cli import demo_cmd, stack_cmd  # noqa: F401
 
 
 def main() -> None:
@@ -42,12 +42,16 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(1)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except typer.BadParameter as exc:
+        exc.show()
+        sys.exit(2)
+    except Exception as exc:
+        # Usage errors are click exceptions; typer re-exports their base class.
+        show = getattr(exc, "show", None)
+        code = getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise
 
 

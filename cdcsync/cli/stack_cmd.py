@@ -47,7 +47,6 @@ def install_(
     )
 
 
-
 @stack_app.command()
 def up(
     directory: DirOpt = None,

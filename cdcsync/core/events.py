@@ -27,7 +27,7 @@ class _Unavailable(enum.Enum):
 UNAVAILABLE: Final = _Unavailable.UNAVAILABLE
 
 #: A column value: PostgreSQL text input form, SQL NULL, or not sent.
-Value: TypeAlias = str | None | _Unavailable
+Value: TypeAlias = str | _Unavailable | None
 Row: TypeAlias = Mapping[str, Value]
 
 

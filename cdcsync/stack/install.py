@@ -134,9 +134,14 @@ def resolve_jars() -> tuple[Path, InstallReport]:
             shutil.rmtree(out)
         procs.run(
             [
-                mvn, "-B", "-q", "-f", str(root / project / "pom.xml"),
+                mvn,
+                "-B",
+                "-q",
+                "-f",
+                str(root / project / "pom.xml"),
                 f"{_MAVEN_DEPENDENCY_PLUGIN}:copy-dependencies",
-                "-DincludeScope=runtime", f"-DoutputDirectory={out}",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={out}",
             ],
             what=f"resolving jars for {project}",
             timeout=1200,

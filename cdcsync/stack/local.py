@@ -72,7 +72,7 @@ class LocalStack:
     def _locked(self) -> Iterator[dict[str, Any]]:
         """Hold the stack's file lock and yield its state, saved on exit."""
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
+        os.chmod(self.root, 0o755)  # noqa: S103 - PostgreSQL's OS user must traverse it
         with (self.root / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._load()
@@ -122,7 +122,7 @@ class LocalStack:
 
     def _ensure_secrets(self) -> None:
         self.secrets_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.secrets_dir, 0o755)
+        os.chmod(self.secrets_dir, 0o700)
         if self.password_file.exists():
             return
         password = secrets.token_urlsafe(18)
@@ -240,10 +240,7 @@ class LocalStack:
     def dsn(self, side: str, dbname: str = "postgres") -> str:
         data = self._load()
         port = data["services"][side]["port"]
-        return (
-            f"host=127.0.0.1 port={port} user=postgres dbname={dbname} "
-            f"passfile={self.passfile}"
-        )
+        return f"host=127.0.0.1 port={port} user=postgres dbname={dbname} passfile={self.passfile}"
 
     def kafka_bootstrap(self) -> str:
         return f"127.0.0.1:{self._load()['services']['kafka']['port']}"

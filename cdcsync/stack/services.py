@@ -156,9 +156,18 @@ class PostgresService(Service):
         try:
             procs.run(
                 [
-                    initdb, "-D", str(self.data), "-U", PG_USER, "--pwfile", str(pw_copy),
-                    "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
-                    "-E", "UTF8", "--locale=C.UTF-8",
+                    initdb,
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    PG_USER,
+                    "--pwfile",
+                    str(pw_copy),
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
                 ],
                 what=f"{self.name}: initdb",
                 user=user,
@@ -208,9 +217,17 @@ class PostgresService(Service):
         try:
             procs.run(
                 [
-                    pg_ctl, "start", "-w", "-t", str(int(self.start_timeout)),
-                    "-D", str(self.data), "-l", str(log),
-                    "-o", f"-p {self.state.port}",
+                    pg_ctl,
+                    "start",
+                    "-w",
+                    "-t",
+                    str(int(self.start_timeout)),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(log),
+                    "-o",
+                    f"-p {self.state.port}",
                 ],
                 what=f"{self.name}: pg_ctl start",
                 user=user,
@@ -276,9 +293,7 @@ class JavaService(Service):
     def java(self) -> str:
         java = find_command("java")
         if java is None:
-            raise StackError(
-                "java not found: install the Debian package openjdk-17-jre-headless"
-            )
+            raise StackError("java not found: install the Debian package openjdk-17-jre-headless")
         return java
 
     def java_argv(self, *args: str) -> list[str]:
@@ -375,9 +390,7 @@ class KafkaService(JavaService):
         # The port opens before the broker can serve metadata: ask it for real.
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient(
-            {"bootstrap.servers": f"127.0.0.1:{self.state.port}", "log_level": 0}
-        )
+        admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{self.state.port}", "log_level": 0})
         try:
             metadata = admin.list_topics(timeout=3)
         except Exception:  # any client error means "not yet"
@@ -456,7 +469,7 @@ class ConnectService(JavaService):
     def plugins(self) -> list[str] | None:
         """Listed connector classes; ``None`` while the REST API does not answer yet."""
         try:
-            with urllib.request.urlopen(f"{self.url}/connector-plugins", timeout=3) as resp:
+            with urllib.request.urlopen(f"{self.url}/connector-plugins", timeout=3) as resp:  # noqa: S310
                 body = json.loads(resp.read())
         except (OSError, urllib.error.URLError, ValueError):
             return None

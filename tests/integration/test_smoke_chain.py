@@ -80,8 +80,8 @@ def _consume(bootstrap: str, topic: str, count: int, timeout: float) -> list[tup
             msg = consumer.poll(1.0)
             if msg is None or msg.error():
                 continue
-            key = json.loads(msg.key()) if msg.key() else None
-            value = json.loads(msg.value()) if msg.value() is not None else None
+            key = json.loads(msg.key() or b"null") if msg.key() else None
+            value = json.loads(msg.value() or b"null") if msg.value() is not None else None
             out.append((key, value))
     finally:
         consumer.close()
