@@ -312,6 +312,14 @@ class JavaService(Service):
         _write(self.dir / "log4j2.properties", _LOG4J.format(level=level))
 
 
+def _kafka_cluster_id() -> str:
+    """A random cluster id in Kafka's form; like Kafka, never one starting with '-'."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class KafkaService(JavaService):
     """A single-node Kafka broker in KRaft mode (combined broker and controller)."""
 
@@ -365,13 +373,17 @@ class KafkaService(JavaService):
     def format_storage(self) -> None:
         if (self.dir / "data" / "meta.properties").exists():
             return
-        cluster_id = self.state.extra.setdefault(
-            "cluster_id", base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        )
+        cluster_id = self.state.extra.setdefault("cluster_id", _kafka_cluster_id())
         argv = self.java_argv()
         argv[argv.index(self.main_class)] = "kafka.tools.StorageTool"
         procs.run(
-            [*argv, "format", "--standalone", "-t", cluster_id, "-c", str(self.properties)],
+            [
+                *argv,
+                "format",
+                "--standalone",
+                f"--cluster-id={cluster_id}",
+                f"--config={self.properties}",
+            ],
             what="kafka: formatting storage",
             timeout=120,
         )
