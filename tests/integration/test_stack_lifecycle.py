@@ -53,6 +53,9 @@ def tmp_path() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="cdcsync-stack-"))
     os.chmod(path, 0o755)
     yield path
+    # A failed test must not leave a stack running: stop any stack made under it.
+    for state in path.glob("*/stack.json"):
+        cli("stack", "down", "--dir", str(state.parent))
     shutil.rmtree(path, ignore_errors=True)
 
 
