@@ -198,7 +198,7 @@ def convert(value: Any, schema: dict[str, Any], field: str) -> Converted:
         if not optional or schema.get("name") == "io.debezium.time.Date":
             return INEXACT
         return Converted(None)
-    if value == PLACEHOLDER or value == [PLACEHOLDER]:
+    if value in (PLACEHOLDER, [PLACEHOLDER]):
         return Converted(UNAVAILABLE)
     if stype in _ALWAYS_INEXACT or stype.startswith("_") or schema.get("type") == "array":
         # Arrays: lower bounds and dimensions are not carried, NULL elements can turn the
