@@ -86,3 +86,18 @@ class ConnectClient:
                     f"connector {name} not RUNNING after {timeout:.0f}s: {status}"
                 )
             time.sleep(0.5)
+
+    def reset_offsets(self, name: str, timeout: float = 60.0) -> None:
+        """Forget a connector's committed source offsets (it must start from a new slot)."""
+        if self.status(name) is None:
+            return
+        self._call("PUT", f"/connectors/{name}/stop")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(name)
+            if status is not None and status["connector"]["state"] == "STOPPED":
+                break
+            if time.monotonic() > deadline:
+                raise PreconditionError(f"connector {name} did not stop within {timeout:.0f}s")
+            time.sleep(0.3)
+        self._call("DELETE", f"/connectors/{name}/offsets")

@@ -156,7 +156,7 @@ class Load:
                         insert_typed(conn, next_key, rng.choice(ROW_VALUES))
                     elif action == "typed_upd":
                         conn.execute(
-                            "UPDATE public.all_types SET n = n + 1, iv = iv * 2, "
+                            "UPDATE public.all_types SET n = n + 1, iv = iv + interval '1 second', "
                             "ai = array_append(ai, 9), tstz = tstz + interval '1 microsecond' "
                             "WHERE id = %s",
                             (rng.choice([1, 2, 3, next_key]),),

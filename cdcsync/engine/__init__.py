@@ -1,0 +1,1 @@
+"""The engine wires the core and the adapters into the phases of a migration."""

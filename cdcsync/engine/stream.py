@@ -1,0 +1,355 @@
+"""The streaming loop: Kafka → decode → batch → one target transaction {rows, offsets}.
+
+Exactly-once effect: a batch's rows and the next offset of every partition it covers
+commit in one transaction on the database written to; on start and on every partition
+assignment the consumer seeks to the offsets stored there (Kafka's own commits are
+advisory). An offset gap halts; a bad event halts (default) or goes to a dead-letter
+topic, and in either case no offset moves past an event whose effect is not applied.
+Signal handlers only set a flag: the loop finishes the batch in flight and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import psycopg
+
+from cdcsync.adapters import offset_store
+from cdcsync.adapters.pg_apply import ApplyError, PgApplier, fetch_rows_by_key
+from cdcsync.adapters.state_store import ensure_schema
+from cdcsync.config import Settings
+from cdcsync.core.batching import Batch, BatchPolicy, gap
+from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX, decode
+from cdcsync.core.events import Event, RowChange, TableId, Truncate
+from cdcsync.errors import DecodeError, HaltedError
+
+log = logging.getLogger("cdcsync.stream")
+
+
+@dataclass
+class StreamStatus:
+    """What the loop exposes to health checks and metrics."""
+
+    batches: int = 0
+    events: int = 0
+    last_commit_ts_ms: int | None = None
+    last_lsn: int | None = None
+    halted: str | None = None
+    heartbeat: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Endpoint:
+    """One direction of replication: where events come from and where they go."""
+
+    direction: str
+    topic_prefix: str
+    target_dsn: str  # written to (the target forward, the old source in reverse)
+    source_dsn: str  # read from by key when an event cannot carry a value exactly
+    tables: set[TableId] | None = None
+
+
+def forward_endpoint(settings: Settings) -> Endpoint:
+    return Endpoint(
+        "forward",
+        settings.topic_prefix,
+        settings.target_conninfo(),
+        settings.source_conninfo(),
+    )
+
+
+class StreamLoop:
+    """Consumes one direction's topics and applies them until stopped or halted."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoint: Endpoint,
+        *,
+        stop: threading.Event | None = None,
+        on_batch: Callable[[StreamStatus], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.endpoint = endpoint
+        self.stop = stop or threading.Event()
+        self.on_batch = on_batch
+        self.status = StreamStatus()
+        self.expected: dict[tuple[str, int], int | None] = {}
+        self.low: dict[tuple[str, int], int] = {}
+        self._consumer: Any = None
+        self._dlq: Any = None
+
+    # ------------------------------------------------------------- plumbing
+    def _connect(self) -> tuple[psycopg.Connection[Any], PgApplier]:
+        conn = psycopg.connect(self.endpoint.target_dsn, autocommit=True)
+        ensure_schema(conn, self.settings.state_schema)
+        conn.autocommit = False
+        conn.execute(
+            "SELECT set_config('synchronous_commit', %s, false)",
+            (self.settings.apply.synchronous_commit,),
+        )
+        conn.commit()
+        source = psycopg.connect(self.endpoint.source_dsn, autocommit=True)
+        source.read_only = True
+        applier = PgApplier(
+            conn,
+            tables=self.endpoint.tables,
+            unknown_table=self.settings.apply.unknown_table,
+            fetch_source=fetch_rows_by_key(source),
+        )
+        applier.prepare_session()
+        conn.commit()
+        return conn, applier
+
+    def _consumer_for(self, conn: psycopg.Connection[Any]) -> Any:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer
+
+        prefix = self.endpoint.topic_prefix
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": f"cdcsync-{self.settings.migration_id}-{self.endpoint.direction}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+                # Bound what librdkafka buffers, whatever the backlog.
+                "queued.max.messages.kbytes": 65536,
+                "fetch.max.bytes": 16 * 1024 * 1024,
+                "topic.metadata.refresh.interval.ms": 5000,
+                "log_level": 3,
+            }
+        )
+
+        def on_assign(c: Any, partitions: list[Any]) -> None:
+            conn.rollback()
+            stored = offset_store.load(
+                conn, self.settings.state_schema, self.settings.migration_id,
+                self.endpoint.direction,
+            )
+            conn.rollback()
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                low, _high = c.get_watermark_offsets(tp, timeout=10, cached=False)
+                self.low[key] = int(low)
+                start = stored.get(key)
+                self.expected[key] = start
+                tp.offset = start if start is not None else OFFSET_BEGINNING
+            c.assign(partitions)
+            log.info("assigned %s", [f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions])
+
+        def on_revoke(c: Any, partitions: list[Any]) -> None:
+            for tp in partitions:
+                self.expected.pop((tp.topic, tp.partition), None)
+            c.unassign()
+
+        consumer.subscribe(
+            [f"^{_re(prefix)}\\..*", f"^{_re(HEARTBEAT_TOPIC_PREFIX)}\\.{_re(prefix)}$"],
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+        )
+        return consumer
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> int:
+        """Stream until stopped (exit 0) or halted (raises :class:`HaltedError`)."""
+        conn, applier = self._connect()
+        consumer = self._consumer = self._consumer_for(conn)
+        policy = BatchPolicy(
+            self.settings.apply.batch_max_events,
+            self.settings.apply.batch_max_bytes,
+            self.settings.apply.batch_max_wait_ms / 1000.0,
+        )
+        try:
+            while not self.stop.is_set():
+                self.status.heartbeat = time.monotonic()
+                batch = Batch(policy, time.monotonic())
+                events: list[Event] = []
+                raw: dict[tuple[str, int, int], Any] = {}
+                while not batch.full(time.monotonic()) and not self.stop.is_set():
+                    msgs = consumer.consume(
+                        num_messages=min(2000, policy.max_events - batch.events), timeout=0.1
+                    )
+                    self.status.heartbeat = time.monotonic()
+                    for msg in msgs:
+                        if msg.error():
+                            self._kafka_error(msg)
+                            continue
+                        event = self._decode(msg)
+                        if event is None:
+                            continue  # sent to the dead-letter topic
+                        batch.add(msg.topic(), msg.partition(), msg.offset(), len(msg.value() or b""))
+                        events.append(event)
+                        raw[(msg.topic(), msg.partition(), msg.offset())] = msg
+                    if not msgs and batch.events == 0:
+                        break
+                if batch.events:
+                    self._apply(conn, applier, batch, events, raw)
+            return 0
+        finally:
+            consumer.close()
+            conn.close()
+
+    def _kafka_error(self, msg: Any) -> None:
+        err = msg.error()
+        if err.fatal():
+            raise HaltedError(f"Kafka: {err}")
+        log.warning("Kafka: %s", err)
+
+    def _decode(self, msg: Any) -> Event | None:
+        key = (msg.topic(), msg.partition())
+        if key not in self.expected:
+            self.expected[key] = None
+        problem = gap(self.expected[key], self.low.get(key, 0), msg.offset())
+        if problem:
+            raise HaltedError(
+                f"offset gap on {msg.topic()}[{msg.partition()}]: {problem} — refusing to skip "
+                "(re-snapshot the migration)"
+            )
+        self.expected[key] = msg.offset() + 1
+        try:
+            return decode(
+                msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                topic_prefix=self.endpoint.topic_prefix,
+            )
+        except DecodeError as exc:
+            where = _where(msg)
+            if self.settings.apply.on_error == "dead-letter":
+                self._dead_letter(msg, str(exc))
+                return None
+            raise HaltedError(f"cannot decode {where}: {exc}") from None
+
+    def _dead_letter(self, msg: Any, reason: str) -> None:
+        from confluent_kafka import Producer
+
+        topic = self.settings.apply.dead_letter_topic or f"{self.endpoint.topic_prefix}.dlq"
+        if self._dlq is None:
+            self._dlq = Producer(
+                {"bootstrap.servers": self.settings.kafka_bootstrap, "acks": "all",
+                 "enable.idempotence": True}
+            )
+        headers = [
+            ("cdcsync.error", reason.encode()),
+            ("cdcsync.topic", msg.topic().encode()),
+            ("cdcsync.partition", str(msg.partition()).encode()),
+            ("cdcsync.offset", str(msg.offset()).encode()),
+        ]
+        self._dlq.produce(topic, key=msg.key(), value=msg.value(), headers=headers)
+        if self._dlq.flush(30) != 0:
+            raise HaltedError(f"dead-letter topic {topic} did not acknowledge {_where(msg)}")
+        log.error("dead-lettered %s: %s", _where(msg), reason)
+
+    def _apply(
+        self,
+        conn: psycopg.Connection[Any],
+        applier: PgApplier,
+        batch: Batch,
+        events: list[Event],
+        raw: dict[tuple[str, int, int], Any],
+    ) -> None:
+        while True:
+            try:
+                with conn.transaction():
+                    stats = applier.apply(events)
+                    offset_store.save(
+                        conn, self.settings.state_schema, self.settings.migration_id,
+                        self.endpoint.direction, self._progress(batch, events),
+                    )
+                break
+            except ApplyError as exc:
+                applier.forget()
+                pos = exc.position
+                msg = raw.get((pos.topic, pos.partition, pos.offset)) if pos else None
+                if self.settings.apply.on_error != "dead-letter" or msg is None:
+                    where = _where(msg) if msg is not None else "batch"
+                    raise HaltedError(f"cannot apply {where}: {exc}") from None
+                self._dead_letter(msg, str(exc))
+                events = [e for e in events if e.position != pos]
+            except psycopg.OperationalError as exc:
+                raise HaltedError(f"target connection lost: {exc}") from exc
+        self.status.batches += 1
+        self.status.events += len(events)
+        for event in events:
+            if isinstance(event, RowChange | Truncate):
+                self.status.last_lsn = event.source.lsn or self.status.last_lsn
+                if event.source.commit_ts_ms:
+                    self.status.last_commit_ts_ms = event.source.commit_ts_ms
+        if self.on_batch:
+            self.on_batch(self.status)
+        log.debug("batch of %d events applied: %s", len(events), stats.applied)
+        self._consumer.commit(
+            offsets=_kafka_offsets(batch.next_offset), asynchronous=True
+        )
+
+    def _progress(self, batch: Batch, events: list[Event]) -> list[offset_store.Progress]:
+        last: dict[tuple[str, int], tuple[int | None, int | None]] = {}
+        for event in events:
+            if isinstance(event, RowChange | Truncate):
+                tp = (event.position.topic, event.position.partition)
+                last[tp] = (event.source.lsn, event.source.commit_ts_ms)
+        out = []
+        for tp, nxt in batch.next_offset.items():
+            first = batch.first_offset[tp]
+            lsn, ts = last.get(tp, (None, None))
+            out.append(
+                offset_store.Progress(tp[0], tp[1], first if first else None, nxt, lsn, ts)
+            )
+        return out
+
+
+def _kafka_offsets(next_offsets: dict[tuple[str, int], int]) -> list[Any]:
+    from confluent_kafka import TopicPartition
+
+    return [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
+
+
+def _where(msg: Any) -> str:
+    key = msg.key()
+    shown = key.decode(errors="replace")[:200] if key else "null"
+    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()} key={shown}"
+
+
+def _re(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT only set the flag the loop checks."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.info("signal %d: finishing the batch in flight", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def configure_logging(fmt: str | None) -> None:
+    import sys
+
+    use_json = fmt == "json" or (fmt is None and not sys.stderr.isatty())
+    handler = logging.StreamHandler()
+    if use_json:
+        class JsonFormatter(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps(
+                    {"ts": record.created, "level": record.levelname, "logger": record.name,
+                     "msg": record.getMessage()}
+                )
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("cdcsync")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
