@@ -42,6 +42,8 @@ ENV_VARS: dict[str, str] = {
     "CDCSYNC_CONNECT_SECRETS_FILE": "path, on the Connect worker, of a properties file with "
     "source.password and target.password (read there by Connect's file config provider)",
     "CDCSYNC_MIGRATION_ID": "name of this migration; prefixes slot, publication, topics",
+    "CDCSYNC_INSTANCE_ID": "stable name of this daemon in its consumer group (default: host "
+    "name); a restarted daemon with the same name takes its partitions back at once",
     "CDCSYNC_SCHEMAS": "comma-separated source schemas to migrate (default: all non-system)",
     "CDCSYNC_TABLES": "comma-separated schema.table list to migrate (default: all in SCHEMAS)",
     "CDCSYNC_WORKERS": "parallel copy workers (default: number of cores)",
@@ -95,6 +97,7 @@ class Settings(BaseSettings):
     connect_url: str = ""
     connect_secrets_file: str | None = None
     migration_id: str = "cdcsync"
+    instance_id: str = Field(default_factory=lambda: __import__("socket").gethostname())
     # Comma-separated in the environment, not JSON: NoDecode leaves the split to us.
     schemas: Annotated[list[str], NoDecode] = Field(default_factory=list)
     tables: Annotated[list[str], NoDecode] = Field(default_factory=list)

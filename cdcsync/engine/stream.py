@@ -86,6 +86,9 @@ class StreamLoop:
         self.low: dict[tuple[str, int], int] = {}
         self._consumer: Any = None
         self._dlq: Any = None
+        # Bumped on every assignment change: a batch gathered across one is dropped,
+        # since the new assignment re-reads from the offsets stored in the target.
+        self._generation = 0
 
     # ------------------------------------------------------------- plumbing
     def _connect(self) -> tuple[psycopg.Connection[Any], PgApplier]:
@@ -119,6 +122,10 @@ class StreamLoop:
                 "group.id": f"cdcsync-{self.settings.migration_id}-{self.endpoint.direction}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                # Static membership: a restarted daemon gets its partitions back at once
+                # instead of after the session timeout.
+                "group.instance.id": self.settings.instance_id,
+                "session.timeout.ms": 15000,
                 "enable.partition.eof": False,
                 # Bound what librdkafka buffers, whatever the backlog.
                 "queued.max.messages.kbytes": 65536,
@@ -129,6 +136,8 @@ class StreamLoop:
         )
 
         def on_assign(c: Any, partitions: list[Any]) -> None:
+            self._generation += 1
+            self.expected.clear()
             conn.rollback()
             stored = offset_store.load(
                 conn, self.settings.state_schema, self.settings.migration_id,
@@ -146,6 +155,7 @@ class StreamLoop:
             log.info("assigned %s", [f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions])
 
         def on_revoke(c: Any, partitions: list[Any]) -> None:
+            self._generation += 1
             for tp in partitions:
                 self.expected.pop((tp.topic, tp.partition), None)
             c.unassign()
@@ -173,11 +183,20 @@ class StreamLoop:
                 batch = Batch(policy, time.monotonic())
                 events: list[Event] = []
                 raw: dict[tuple[str, int, int], Any] = {}
+                generation = self._generation
                 while not batch.full(time.monotonic()) and not self.stop.is_set():
                     msgs = consumer.consume(
                         num_messages=min(2000, policy.max_events - batch.events), timeout=0.1
                     )
                     self.status.heartbeat = time.monotonic()
+                    if self._generation != generation:
+                        # The assignment changed under this batch: start over from the
+                        # stored offsets (the messages just read included).
+                        batch = Batch(policy, time.monotonic())
+                        events, raw = [], {}
+                        generation = self._generation
+                        self._reseek(consumer, conn)
+                        continue
                     for msg in msgs:
                         if msg.error():
                             self._kafka_error(msg)
@@ -196,6 +215,28 @@ class StreamLoop:
         finally:
             consumer.close()
             conn.close()
+
+    def _reseek(self, consumer: Any, conn: psycopg.Connection[Any]) -> None:
+        """Position every assigned partition at its stored offset again."""
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+        conn.rollback()
+        stored = offset_store.load(
+            conn, self.settings.state_schema, self.settings.migration_id, self.endpoint.direction
+        )
+        conn.rollback()
+        for tp in consumer.assignment():
+            key = (tp.topic, tp.partition)
+            start = stored.get(key)
+            self.expected[key] = start
+            try:
+                consumer.seek(
+                    TopicPartition(tp.topic, tp.partition,
+                                   start if start is not None else OFFSET_BEGINNING)
+                )
+            except KafkaException as exc:
+                # Not fetching yet: the assignment itself starts at the stored offset.
+                log.debug("seek %s[%d]: %s", tp.topic, tp.partition, exc)
 
     def _kafka_error(self, msg: Any) -> None:
         err = msg.error()
