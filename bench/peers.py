@@ -33,9 +33,7 @@ def consumer_group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> int
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         metadata = consumer.list_topics(timeout=10)
-        parts = [
-            TopicPartition(t, p) for t in topics for p in metadata.topics[t].partitions
-        ]
+        parts = [TopicPartition(t, p) for t in topics for p in metadata.topics[t].partitions]
         committed = consumer.committed(parts, timeout=10)
         lag = 0
         for tp in committed:
@@ -66,7 +64,8 @@ def run_jdbc_sink(
     Keyless tables (no record key) go through a second connector in insert mode.
     """
     info = psycopg.conninfo.conninfo_to_dict(target_dsn)
-    url = f"jdbc:postgresql://{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{info['dbname']}"
+    host, port = info.get("host", "127.0.0.1"), info.get("port", 5432)
+    url = f"jdbc:postgresql://{host}:{port}/{info['dbname']}"
     common = {
         "connector.class": "io.debezium.connector.jdbc.JdbcSinkConnector",
         "tasks.max": "1",

@@ -167,6 +167,21 @@ class Settings(BaseSettings):
             raise ConfigError(f"missing setting(s): {listed}")
 
 
+class _Overridden(Settings):
+    """Settings rebuilt with explicit overrides, which win over the environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def _with_password(dsn: str, password_file: Path | None, side: str) -> str:
     if password_file is None:
         return dsn
@@ -210,7 +225,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         settings = Settings(**data)
         if overrides:
             given = {k: v for k, v in overrides.items() if v is not None}
-            settings = Settings.model_validate({**settings.model_dump(), **given})
+            settings = _Overridden(**{**settings.model_dump(), **given})
     except ValidationError as exc:
         where = f" in {path}" if path else ""
         problems = "; ".join(

@@ -57,7 +57,9 @@ def install(
         try:
             with conn.transaction():
                 conn.execute(
-                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_timeout_ms}ms"))
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(
+                        sql.Literal(f"{lock_timeout_ms}ms")
+                    )
                 )
                 ensure_function(conn, schema)
                 for table in tables:

@@ -59,8 +59,15 @@ def save(
                     "next_offset, last_lsn, last_commit_ts) VALUES (%s, %s, %s, %s, %s, "
                     "%s::pg_lsn, to_timestamp(%s / 1000.0)) ON CONFLICT DO NOTHING"
                 ).format(table),
-                (migration_id, direction, p.topic, p.partition, p.next_offset, lsn,
-                 p.last_commit_ms),
+                (
+                    migration_id,
+                    direction,
+                    p.topic,
+                    p.partition,
+                    p.next_offset,
+                    lsn,
+                    p.last_commit_ms,
+                ),
             )
         else:
             done = conn.execute(
@@ -71,8 +78,16 @@ def save(
                     "updated_at = now() WHERE migration_id = %s AND direction = %s "
                     "AND topic = %s AND kafka_partition = %s AND next_offset = %s"
                 ).format(table),
-                (p.next_offset, lsn, p.last_commit_ms, migration_id, direction, p.topic,
-                 p.partition, p.expected),
+                (
+                    p.next_offset,
+                    lsn,
+                    p.last_commit_ms,
+                    migration_id,
+                    direction,
+                    p.topic,
+                    p.partition,
+                    p.expected,
+                ),
             )
         if done.rowcount != 1:
             raise HaltedError(

@@ -140,7 +140,9 @@ class StreamLoop:
             self.expected.clear()
             conn.rollback()
             stored = offset_store.load(
-                conn, self.settings.state_schema, self.settings.migration_id,
+                conn,
+                self.settings.state_schema,
+                self.settings.migration_id,
                 self.endpoint.direction,
             )
             conn.rollback()
@@ -152,7 +154,9 @@ class StreamLoop:
                 self.expected[key] = start
                 tp.offset = start if start is not None else OFFSET_BEGINNING
             c.assign(partitions)
-            log.info("assigned %s", [f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions])
+            log.info(
+                "assigned %s", [f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions]
+            )
 
         def on_revoke(c: Any, partitions: list[Any]) -> None:
             self._generation += 1
@@ -204,7 +208,9 @@ class StreamLoop:
                         event = self._decode(msg)
                         if event is None:
                             continue  # sent to the dead-letter topic
-                        batch.add(msg.topic(), msg.partition(), msg.offset(), len(msg.value() or b""))
+                        batch.add(
+                            msg.topic(), msg.partition(), msg.offset(), len(msg.value() or b"")
+                        )
                         events.append(event)
                         raw[(msg.topic(), msg.partition(), msg.offset())] = msg
                     if not msgs and batch.events == 0:
@@ -231,8 +237,9 @@ class StreamLoop:
             self.expected[key] = start
             try:
                 consumer.seek(
-                    TopicPartition(tp.topic, tp.partition,
-                                   start if start is not None else OFFSET_BEGINNING)
+                    TopicPartition(
+                        tp.topic, tp.partition, start if start is not None else OFFSET_BEGINNING
+                    )
                 )
             except KafkaException as exc:
                 # Not fetching yet: the assignment itself starts at the stored offset.
@@ -257,7 +264,11 @@ class StreamLoop:
         self.expected[key] = msg.offset() + 1
         try:
             return decode(
-                msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                msg.key(),
+                msg.value(),
                 topic_prefix=self.endpoint.topic_prefix,
             )
         except DecodeError as exc:
@@ -273,8 +284,11 @@ class StreamLoop:
         topic = self.settings.apply.dead_letter_topic or f"{self.endpoint.topic_prefix}.dlq"
         if self._dlq is None:
             self._dlq = Producer(
-                {"bootstrap.servers": self.settings.kafka_bootstrap, "acks": "all",
-                 "enable.idempotence": True}
+                {
+                    "bootstrap.servers": self.settings.kafka_bootstrap,
+                    "acks": "all",
+                    "enable.idempotence": True,
+                }
             )
         headers = [
             ("cdcsync.error", reason.encode()),
@@ -300,8 +314,11 @@ class StreamLoop:
                 with conn.transaction():
                     stats = applier.apply(events)
                     offset_store.save(
-                        conn, self.settings.state_schema, self.settings.migration_id,
-                        self.endpoint.direction, self._progress(batch, events),
+                        conn,
+                        self.settings.state_schema,
+                        self.settings.migration_id,
+                        self.endpoint.direction,
+                        self._progress(batch, events),
                     )
                 break
             except ApplyError as exc:
@@ -325,9 +342,7 @@ class StreamLoop:
         if self.on_batch:
             self.on_batch(self.status)
         log.debug("batch of %d events applied: %s", len(events), stats.applied)
-        self._consumer.commit(
-            offsets=_kafka_offsets(batch.next_offset), asynchronous=True
-        )
+        self._consumer.commit(offsets=_kafka_offsets(batch.next_offset), asynchronous=True)
 
     def _progress(self, batch: Batch, events: list[Event]) -> list[offset_store.Progress]:
         last: dict[tuple[str, int], tuple[int | None, int | None]] = {}
@@ -339,9 +354,7 @@ class StreamLoop:
         for tp, nxt in batch.next_offset.items():
             first = batch.first_offset[tp]
             lsn, ts = last.get(tp, (None, None))
-            out.append(
-                offset_store.Progress(tp[0], tp[1], first if first else None, nxt, lsn, ts)
-            )
+            out.append(offset_store.Progress(tp[0], tp[1], first if first else None, nxt, lsn, ts))
         return out
 
 
@@ -381,11 +394,16 @@ def configure_logging(fmt: str | None) -> None:
     use_json = fmt == "json" or (fmt is None and not sys.stderr.isatty())
     handler = logging.StreamHandler()
     if use_json:
+
         class JsonFormatter(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:
                 return json.dumps(
-                    {"ts": record.created, "level": record.levelname, "logger": record.name,
-                     "msg": record.getMessage()}
+                    {
+                        "ts": record.created,
+                        "level": record.levelname,
+                        "logger": record.name,
+                        "msg": record.getMessage(),
+                    }
                 )
 
         handler.setFormatter(JsonFormatter())

@@ -31,12 +31,12 @@ class Boundary:
         self.replication_conn.close()
 
 
-def create_publication(
-    conn: psycopg.Connection[Any], name: str, tables: Iterable[TableId]
-) -> None:
+def create_publication(conn: psycopg.Connection[Any], name: str, tables: Iterable[TableId]) -> None:
     """cdcsync's own filtered publication; partitioned tables stream as their root."""
     conn.execute(
-        sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
+        sql.SQL(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)"
+        ).format(
             sql.Identifier(name),
             sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables),
         )

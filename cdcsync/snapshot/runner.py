@@ -77,8 +77,12 @@ def list_tables(conn: psycopg.Connection[Any], settings: Settings) -> list[Table
 
 
 def preflight(
-    source: psycopg.Connection[Any], target: psycopg.Connection[Any], settings: Settings,
-    tables: list[TableId], *, allow_nonempty: bool,
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    settings: Settings,
+    tables: list[TableId],
+    *,
+    allow_nonempty: bool,
 ) -> None:
     """Check everything first; change nothing when any check fails."""
     problems: list[str] = []
@@ -139,8 +143,17 @@ def preflight(
 
 
 def _dump_section(source_dsn: str, section: str, tables: list[TableId]) -> str:
-    argv = [f"{_PG_BIN}/pg_dump", "--section", section, "--no-owner", "--no-privileges",
-            "--no-publications", "--no-subscriptions", "-d", source_dsn]
+    argv = [
+        f"{_PG_BIN}/pg_dump",
+        "--section",
+        section,
+        "--no-owner",
+        "--no-privileges",
+        "--no-publications",
+        "--no-subscriptions",
+        "-d",
+        source_dsn,
+    ]
     with psycopg.connect(source_dsn) as conn:
         everything = [leaf for t in tables for leaf in {t, *_leaves(conn, t)}]
     for table in sorted(everything):
@@ -162,13 +175,18 @@ def _dump_pattern(table: TableId) -> str:
 def _run_sql_script(dsn: str, script: str, what: str) -> None:
     done = subprocess.run(
         [f"{_PG_BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn],
-        input=script, capture_output=True, text=True, check=False,
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         raise PreconditionError(f"{what} failed on the target: {done.stderr.strip()[:2000]}")
 
 
-def _pre_data(source_dsn: str, target_dsn: str, tables: list[TableId], target: psycopg.Connection[Any]) -> None:
+def _pre_data(
+    source_dsn: str, target_dsn: str, tables: list[TableId], target: psycopg.Connection[Any]
+) -> None:
     """Types, sequences and tables, unless the operator created the schema already."""
     missing = []
     for table in tables:
@@ -197,8 +215,16 @@ def _pre_data(source_dsn: str, target_dsn: str, tables: list[TableId], target: p
 
 def _dump_types(source_dsn: str, schemas: list[str]) -> str:
     """Enums, domains and other types the tables use (pg_dump -t leaves them out)."""
-    argv = [f"{_PG_BIN}/pg_dump", "--section", "pre-data", "--no-owner", "--no-privileges",
-            "-d", source_dsn, "--exclude-table=*.*"]
+    argv = [
+        f"{_PG_BIN}/pg_dump",
+        "--section",
+        "pre-data",
+        "--no-owner",
+        "--no-privileges",
+        "-d",
+        source_dsn,
+        "--exclude-table=*.*",
+    ]
     for schema in schemas:
         argv += ["-n", '"' + schema.replace('"', '""') + '"']
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -229,7 +255,8 @@ def _columns(conn: psycopg.Connection[Any], table: TableId) -> list[str]:
 def _leaves(conn: psycopg.Connection[Any], table: TableId) -> list[TableId]:
     """A partitioned table's leaf partitions (COPY reads heaps), or the table itself."""
     rows = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_partition_tree(format('%%I.%%I', %s::text, %s::text)) p "
+        "SELECT n.nspname, c.relname "
+        "FROM pg_partition_tree(format('%%I.%%I', %s::text, %s::text)) p "
         "JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE p.isleaf",
         (table.schema, table.name),
@@ -256,8 +283,11 @@ def plan_chunks(conn: psycopg.Connection[Any], tables: list[TableId]) -> list[Ch
 
 
 def _copy_chunk(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], chunk: Chunk,
-    migration_id: str, schema: str,
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    chunk: Chunk,
+    migration_id: str,
+    schema: str,
 ) -> tuple[int, int]:
     columns = _columns(src, chunk.table)
     cols = sql.SQL(", ").join(map(sql.Identifier, columns))
@@ -308,7 +338,9 @@ def _copy_sequences(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any]) 
 
 
 def _cleanup_previous(
-    source: psycopg.Connection[Any], target: psycopg.Connection[Any], settings: Settings,
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    settings: Settings,
     tables: list[TableId],
 ) -> None:
     """Undo an interrupted snapshot: its exported snapshot died with its process."""
@@ -339,7 +371,9 @@ def _cleanup_previous(
                 (table.schema, table.name),
             ).fetchone()
             if exists and exists[0] is not None:
-                target.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(table.schema, table.name)))
+                target.execute(
+                    sql.SQL("TRUNCATE {}").format(sql.Identifier(table.schema, table.name))
+                )
         target.execute(
             sql.SQL("DELETE FROM {}.snapshot_chunk WHERE migration_id = %s").format(
                 sql.Identifier(settings.state_schema)
@@ -348,7 +382,9 @@ def _cleanup_previous(
         )
 
 
-def _set_phase(target: psycopg.Connection[Any], settings: Settings, phase: str, **data: Any) -> None:
+def _set_phase(
+    target: psycopg.Connection[Any], settings: Settings, phase: str, **data: Any
+) -> None:
     s = sql.Identifier(settings.state_schema)
     with target.transaction():
         target.execute(
@@ -358,8 +394,13 @@ def _set_phase(target: psycopg.Connection[Any], settings: Settings, phase: str, 
                 "phase = EXCLUDED.phase, data = {}.migration.data || EXCLUDED.data, "
                 "updated_at = now()"
             ).format(s, s),
-            (settings.migration_id, phase, settings.slot_name, settings.publication_name,
-             json.dumps(data)),
+            (
+                settings.migration_id,
+                phase,
+                settings.slot_name,
+                settings.publication_name,
+                json.dumps(data),
+            ),
         )
         if "consistent_point" in data:
             target.execute(
@@ -371,7 +412,9 @@ def _set_phase(target: psycopg.Connection[Any], settings: Settings, phase: str, 
             )
 
 
-def migration_state(target: psycopg.Connection[Any], settings: Settings) -> tuple[str, dict[str, Any]] | None:
+def migration_state(
+    target: psycopg.Connection[Any], settings: Settings
+) -> tuple[str, dict[str, Any]] | None:
     ensure_schema(target, settings.state_schema)
     row = target.execute(
         sql.SQL("SELECT phase, data FROM {}.migration WHERE migration_id = %s").format(
@@ -410,8 +453,13 @@ def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> Snapsho
         for conn in sources:
             import_snapshot(conn, boundary.snapshot_name)
         boundary.release()  # every worker holds the snapshot now
-        _set_phase(target, settings, "snapshotting",
-                   consistent_point=boundary.consistent_point, snapshot_name=boundary.snapshot_name)
+        _set_phase(
+            target,
+            settings,
+            "snapshotting",
+            consistent_point=boundary.consistent_point,
+            snapshot_name=boundary.snapshot_name,
+        )
         timings["boundary"] = time.monotonic() - t1
 
         t2 = time.monotonic()
@@ -433,8 +481,9 @@ def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> Snapsho
                         chunk = todo.get_nowait()
                     except queue.Empty:
                         return
-                    rows, size = _copy_chunk(src, tgt, chunk, settings.migration_id,
-                                             settings.state_schema)
+                    rows, size = _copy_chunk(
+                        src, tgt, chunk, settings.migration_id, settings.state_schema
+                    )
                     with lock:
                         totals["rows"] += rows
                         totals["bytes"] += size
@@ -462,11 +511,19 @@ def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> Snapsho
             _run_sql_script(settings.target_conninfo(), post, "post-data (indexes, constraints)")
         timings["post_data"] = time.monotonic() - t3
         fence.install(target, tables, settings.migration_id, schema=settings.state_schema)
-        _set_phase(target, settings, "snapshotted", rows=totals["rows"], bytes=totals["bytes"],
-                   sequences=seqs, timings=timings)
+        _set_phase(
+            target,
+            settings,
+            "snapshotted",
+            rows=totals["rows"],
+            bytes=totals["bytes"],
+            sequences=seqs,
+            timings=timings,
+        )
         timings["total"] = time.monotonic() - t0
-        return SnapshotResult(tables, boundary.consistent_point, totals["rows"], totals["bytes"],
-                              timings)
+        return SnapshotResult(
+            tables, boundary.consistent_point, totals["rows"], totals["bytes"], timings
+        )
     finally:
         source.close()
         target.close()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import psycopg
@@ -105,7 +106,7 @@ def wait_streaming(env: dict[str, str], daemon: Daemon, timeout: float = 180) ->
     raise AssertionError(f"not streaming after {timeout}s:\n{daemon.tail()}")
 
 
-def _settings_args(env: dict[str, str]) -> dict[str, str]:
+def _settings_args(env: dict[str, str]) -> dict[str, Any]:
     keys = {
         "CDCSYNC_SOURCE_DSN": "source_dsn",
         "CDCSYNC_TARGET_DSN": "target_dsn",

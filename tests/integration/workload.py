@@ -39,22 +39,109 @@ CREATE TABLE "Odd Schema Table" ("Id" int PRIMARY KEY, "select" text, "Mixed Cas
 """
 
 ROW_VALUES = [
-    ("123456789012345678901234567890.123456789", "3.14", "12.34", "1.5", "2.5e300",
-     "2024-02-29 12:34:56.789012", "2024-02-29 12:34:56.789012+05:30", "2024-02-29",
-     "23:59:59.999999", "1 year 2 months 3 days 04:05:06.789", "\\x00ff10",
-     "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", '{"a": [1, 2.50, null]}', '{"k": {"n": 1e3}}',
-     "<a>x</a>", "happy", "7", "[1,10)", "[2024-01-01 00:00+00,2024-02-01 00:00+00)",
-     "192.168.1.7/24", "10.0.0.0/8", "08:00:2b:01:02:03", "101010101010",
-     "(1.5,2.5)", "((0,0),(1,1))", "'fat' 'cat'", "{1,NULL,3}", '{"a b","c,d",NULL,""}',
-     "unicode ✓ Ωmega 😀", "short", "ab", "true"),
-    ("NaN", "-0.000001", "-5.00", "NaN", "-Infinity", "infinity", "-infinity", "infinity",
-     "00:00:00", "-3 days", "\\x", "00000000-0000-0000-0000-000000000000", "[]", "{}",
-     "<empty/>", "sad", "1", "empty", "(,)", "::1", "::/0", "ff:ff:ff:ff:ff:ff",
-     "000000000001", "(0,0)", "((1,1),(1,1))", "", "{}", "{}", "", "", "", "false"),
+    (
+        "123456789012345678901234567890.123456789",
+        "3.14",
+        "12.34",
+        "1.5",
+        "2.5e300",
+        "2024-02-29 12:34:56.789012",
+        "2024-02-29 12:34:56.789012+05:30",
+        "2024-02-29",
+        "23:59:59.999999",
+        "1 year 2 months 3 days 04:05:06.789",
+        "\\x00ff10",
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        '{"a": [1, 2.50, null]}',
+        '{"k": {"n": 1e3}}',
+        "<a>x</a>",
+        "happy",
+        "7",
+        "[1,10)",
+        "[2024-01-01 00:00+00,2024-02-01 00:00+00)",
+        "192.168.1.7/24",
+        "10.0.0.0/8",
+        "08:00:2b:01:02:03",
+        "101010101010",
+        "(1.5,2.5)",
+        "((0,0),(1,1))",
+        "'fat' 'cat'",
+        "{1,NULL,3}",
+        '{"a b","c,d",NULL,""}',
+        "unicode ✓ Ωmega 😀",
+        "short",
+        "ab",
+        "true",
+    ),
+    (
+        "NaN",
+        "-0.000001",
+        "-5.00",
+        "NaN",
+        "-Infinity",
+        "infinity",
+        "-infinity",
+        "infinity",
+        "00:00:00",
+        "-3 days",
+        "\\x",
+        "00000000-0000-0000-0000-000000000000",
+        "[]",
+        "{}",
+        "<empty/>",
+        "sad",
+        "1",
+        "empty",
+        "(,)",
+        "::1",
+        "::/0",
+        "ff:ff:ff:ff:ff:ff",
+        "000000000001",
+        "(0,0)",
+        "((1,1),(1,1))",
+        "",
+        "{}",
+        "{}",
+        "",
+        "",
+        "",
+        "false",
+    ),
 ]
-COLUMNS = ["n", "n2", "m", "r", "d", "ts", "tstz", "dt", "tm", "iv", "b", "u", "j", "jb",
-           "x", "e", "dom", "ir", "tr", "ip", "net", "mac", "bits", "pt", "bx", "tsv",
-           "ai", "at", "txt", "vc", "ch", "bo"]
+COLUMNS = [
+    "n",
+    "n2",
+    "m",
+    "r",
+    "d",
+    "ts",
+    "tstz",
+    "dt",
+    "tm",
+    "iv",
+    "b",
+    "u",
+    "j",
+    "jb",
+    "x",
+    "e",
+    "dom",
+    "ir",
+    "tr",
+    "ip",
+    "net",
+    "mac",
+    "bits",
+    "pt",
+    "bx",
+    "tsv",
+    "ai",
+    "at",
+    "txt",
+    "vc",
+    "ch",
+    "bo",
+]
 
 
 def pg_bin(name: str) -> str:
@@ -64,8 +151,14 @@ def pg_bin(name: str) -> str:
 def conninfo_env(dsn: str) -> dict[str, str]:
     """libpq environment variables for a DSN (pgbench takes no conninfo string)."""
     info = psycopg.conninfo.conninfo_to_dict(dsn)
-    mapping = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
-               "passfile": "PGPASSFILE", "password": "PGPASSWORD"}
+    mapping = {
+        "host": "PGHOST",
+        "port": "PGPORT",
+        "user": "PGUSER",
+        "dbname": "PGDATABASE",
+        "passfile": "PGPASSFILE",
+        "password": "PGPASSWORD",
+    }
     return {env: str(info[key]) for key, env in mapping.items() if key in info}
 
 
@@ -123,8 +216,16 @@ class Load:
 
     def start(self) -> None:
         self._pgbench = subprocess.Popen(
-            [pg_bin("pgbench"), "-n", "-T", str(int(self.seconds)), "-c", str(self.clients),
-             "-j", "2"],
+            [
+                pg_bin("pgbench"),
+                "-n",
+                "-T",
+                str(int(self.seconds)),
+                "-c",
+                str(self.clients),
+                "-j",
+                "2",
+            ],
             env={**os.environ, **conninfo_env(self.dsn)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -148,8 +249,18 @@ class Load:
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 while time.monotonic() < deadline:
-                    action = rng.choice(["typed", "typed_upd", "toast", "nokey_upd",
-                                         "nokey_del", "nokey_ins", "truncate", "odd"])
+                    action = rng.choice(
+                        [
+                            "typed",
+                            "typed_upd",
+                            "toast",
+                            "nokey_upd",
+                            "nokey_del",
+                            "nokey_ins",
+                            "truncate",
+                            "odd",
+                        ]
+                    )
                     self.stats[action] = self.stats.get(action, 0) + 1
                     if action == "typed":
                         next_key += 1
