@@ -47,6 +47,7 @@ ENV_VARS: dict[str, str] = {
     "CDCSYNC_SCHEMAS": "comma-separated source schemas to migrate (default: all non-system)",
     "CDCSYNC_TABLES": "comma-separated schema.table list to migrate (default: all in SCHEMAS)",
     "CDCSYNC_WORKERS": "parallel copy workers (default: number of cores)",
+    "CDCSYNC_SNAPSHOT_CHUNK_BLOCKS": "heap blocks (8 KiB) per snapshot copy chunk (default 4096)",
     "CDCSYNC_METRICS_ADDR": "host:port of /metrics, /livez, /readyz (default 127.0.0.1:9187)",
     "CDCSYNC_STATE_SCHEMA": "schema holding cdcsync's state on each database (default cdcsync)",
     "CDCSYNC_LOG_FORMAT": "text or json (default: text on a terminal, json otherwise)",
@@ -102,6 +103,7 @@ class Settings(BaseSettings):
     schemas: Annotated[list[str], NoDecode] = Field(default_factory=list)
     tables: Annotated[list[str], NoDecode] = Field(default_factory=list)
     workers: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, le=256)
+    snapshot_chunk_blocks: int = Field(default=4096, ge=1)
     metrics_addr: str = "127.0.0.1:9187"
     state_schema: str = "cdcsync"
     log_format: Literal["text", "json"] | None = None

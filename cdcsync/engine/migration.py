@@ -11,6 +11,7 @@ from psycopg import sql
 
 from cdcsync.adapters.connect_rest import ConnectClient
 from cdcsync.adapters.debezium_connector import source_connector_config
+from cdcsync.adapters.pg import connect
 from cdcsync.config import Settings
 from cdcsync.core.events import TableId
 from cdcsync.engine.stream import StreamLoop, forward_endpoint
@@ -41,7 +42,7 @@ def ensure_connector(settings: Settings, tables: list[TableId], consistent_point
 
 def run(settings: Settings, *, stop: threading.Event | None = None) -> int:
     settings.require("source_dsn", "target_dsn", "kafka_bootstrap", "connect_url")
-    with psycopg.connect(settings.target_conninfo()) as target:
+    with connect(settings.target_conninfo(), "target") as target:
         state = migration_state(target, settings)
     if state is None or state[0] in ("snapshotting",):
         result = run_snapshot(settings)

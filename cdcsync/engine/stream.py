@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 
 from cdcsync.adapters import offset_store
+from cdcsync.adapters.pg import connect
 from cdcsync.adapters.pg_apply import ApplyError, PgApplier, fetch_rows_by_key
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import Settings
@@ -92,7 +93,7 @@ class StreamLoop:
 
     # ------------------------------------------------------------- plumbing
     def _connect(self) -> tuple[psycopg.Connection[Any], PgApplier]:
-        conn = psycopg.connect(self.endpoint.target_dsn, autocommit=True)
+        conn = connect(self.endpoint.target_dsn, "target", autocommit=True)
         ensure_schema(conn, self.settings.state_schema)
         conn.autocommit = False
         conn.execute(
@@ -100,7 +101,7 @@ class StreamLoop:
             (self.settings.apply.synchronous_commit,),
         )
         conn.commit()
-        source = psycopg.connect(self.endpoint.source_dsn, autocommit=True)
+        source = connect(self.endpoint.source_dsn, "source", autocommit=True)
         source.read_only = True
         applier = PgApplier(
             conn,

@@ -16,6 +16,7 @@ import queue
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from cdcsync.adapters import fence
+from cdcsync.adapters.pg import connect
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import Settings
 from cdcsync.core.events import TableId
@@ -264,7 +266,9 @@ def _leaves(conn: psycopg.Connection[Any], table: TableId) -> list[TableId]:
     return [TableId(str(s), str(t)) for s, t in rows] or [table]
 
 
-def plan_chunks(conn: psycopg.Connection[Any], tables: list[TableId]) -> list[Chunk]:
+def plan_chunks(
+    conn: psycopg.Connection[Any], tables: list[TableId], blocks_per_chunk: int = BLOCKS_PER_CHUNK
+) -> list[Chunk]:
     """Split each heap into block ranges; the last range of a table is open-ended."""
     chunks: list[Chunk] = []
     for table in tables:
@@ -275,7 +279,7 @@ def plan_chunks(conn: psycopg.Connection[Any], tables: list[TableId]) -> list[Ch
                 (leaf.schema, leaf.name),
             ).fetchone()
             blocks = int(row[0]) if row else 0
-            starts = list(range(0, max(blocks, 1), BLOCKS_PER_CHUNK))
+            starts = list(range(0, max(blocks, 1), blocks_per_chunk))
             for i, start in enumerate(starts):
                 end = starts[i + 1] if i + 1 < len(starts) else None
                 chunks.append(Chunk(leaf, i, start, end))
@@ -426,13 +430,18 @@ def migration_state(
     return (str(row[0]), dict(row[1])) if row else None
 
 
-def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> SnapshotResult:
+def run_snapshot(
+    settings: Settings,
+    *,
+    allow_nonempty: bool = False,
+    on_boundary: Callable[[str], None] | None = None,
+) -> SnapshotResult:
     """The whole snapshot phase; returns what it copied and how long each step took."""
     settings.require("source_dsn", "target_dsn")
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    source = psycopg.connect(settings.source_conninfo())
-    target = psycopg.connect(settings.target_conninfo())
+    source = connect(settings.source_conninfo(), "source")
+    target = connect(settings.target_conninfo(), "target")
     try:
         ensure_schema(target, settings.state_schema)
         target.commit()
@@ -452,6 +461,8 @@ def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> Snapsho
         sources = [psycopg.connect(settings.source_conninfo()) for _ in range(workers)]
         for conn in sources:
             import_snapshot(conn, boundary.snapshot_name)
+        if on_boundary is not None:
+            on_boundary(boundary.snapshot_name)  # verification hook: import it too
         boundary.release()  # every worker holds the snapshot now
         _set_phase(
             target,
@@ -463,7 +474,11 @@ def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> Snapsho
         timings["boundary"] = time.monotonic() - t1
 
         t2 = time.monotonic()
-        chunks = plan_chunks(sources[0], tables)
+        # Sized outside the snapshot transactions: those hold a lock on every table they
+        # touch until they end, and a lock on all of them would deadlock a concurrent
+        # TRUNCATE queued behind it with the workers queued behind that.
+        with psycopg.connect(settings.source_conninfo(), autocommit=True) as sizing:
+            chunks = plan_chunks(sizing, tables, settings.snapshot_chunk_blocks)
         todo: queue.Queue[Chunk] = queue.Queue()
         for chunk in sorted(chunks, key=lambda c: -(c.end_block or 10**9)):
             todo.put(chunk)
@@ -480,6 +495,9 @@ def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> Snapsho
                     try:
                         chunk = todo.get_nowait()
                     except queue.Empty:
+                        # Done: end the snapshot transaction now so its table locks do not
+                        # hold up a writer (and the workers queued behind that writer).
+                        src.commit()
                         return
                     rows, size = _copy_chunk(
                         src, tgt, chunk, settings.migration_id, settings.state_schema
@@ -500,7 +518,8 @@ def run_snapshot(settings: Settings, *, allow_nonempty: bool = False) -> Snapsho
             thread.join()
         if errors:
             raise errors[0]
-        seqs = _copy_sequences(sources[0], target)
+        with psycopg.connect(settings.source_conninfo()) as seq_conn:
+            seqs = _copy_sequences(seq_conn, target)
         for conn in sources:
             conn.close()
         timings["copy"] = time.monotonic() - t2

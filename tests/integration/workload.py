@@ -36,6 +36,18 @@ CREATE TABLE public.events_nokey (kind text, amount int, note text);
 ALTER TABLE public.events_nokey REPLICA IDENTITY FULL;
 CREATE TABLE public.scratch (id int PRIMARY KEY, v text);
 CREATE TABLE "Odd Schema Table" ("Id" int PRIMARY KEY, "select" text, "Mixed Case" int);
+CREATE SCHEMA "Sales Dept";
+CREATE TABLE "Sales Dept".orders (
+    id int PRIMARY KEY, qty int NOT NULL, price numeric(10,2) NOT NULL,
+    total numeric GENERATED ALWAYS AS (qty * price) STORED
+);
+CREATE TABLE public.measures (id int, at date NOT NULL, v double precision,
+    PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+CREATE TABLE public.measures_2023 PARTITION OF public.measures
+    FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE public.measures_2024 PARTITION OF public.measures
+    FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE public.empty_one (id int PRIMARY KEY, t text);
 """
 
 ROW_VALUES = [
@@ -189,6 +201,14 @@ def create_source(dsn: str, scale: int = 1) -> None:
         )
         conn.execute("INSERT INTO public.scratch SELECT g, 'v' || g FROM generate_series(1, 50) g")
         conn.execute("""INSERT INTO "Odd Schema Table" VALUES (1, 'from', 2)""")
+        conn.execute(
+            """INSERT INTO "Sales Dept".orders SELECT g, g % 7, g * 1.25
+               FROM generate_series(1, 200) g"""
+        )
+        conn.execute(
+            "INSERT INTO public.measures SELECT g, date '2023-06-01' + (g % 400), g / 3.0 "
+            "FROM generate_series(1, 500) g"
+        )
 
 
 def insert_typed(conn: psycopg.Connection[Any], key: int, values: tuple[str, ...]) -> None:
@@ -201,6 +221,20 @@ def insert_typed(conn: psycopg.Connection[Any], key: int, values: tuple[str, ...
     )
 
 
+ACTIONS = (
+    "typed",
+    "typed_upd",
+    "toast",
+    "nokey_upd",
+    "nokey_del",
+    "nokey_ins",
+    "truncate",
+    "odd",
+    "orders",
+    "move_partition",
+)
+
+
 @dataclass
 class Load:
     """pgbench plus a writer of the hard cases, until ``stop``."""
@@ -209,6 +243,7 @@ class Load:
     seconds: float
     clients: int = 4
     seed: int = 7
+    exclude: tuple[str, ...] = ()
     stats: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -302,6 +337,18 @@ class Load:
                                 "FROM generate_series(1, %s) g",
                                 (rng.randint(1, 30),),
                             )
+                    elif action == "orders":
+                        conn.execute(
+                            """UPDATE "Sales Dept".orders SET qty = qty + 1 WHERE id = %s""",
+                            (rng.randint(1, 200),),
+                        )
+                    elif action == "move_partition":
+                        # Moves a row across partitions: a delete and an insert at the source.
+                        conn.execute(
+                            "UPDATE public.measures SET at = CASE WHEN at < '2024-01-01' "
+                            "THEN at + 366 ELSE at - 366 END WHERE id = %s",
+                            (rng.randint(1, 500),),
+                        )
                     else:
                         conn.execute(
                             """UPDATE "Odd Schema Table" SET "Mixed Case" = "Mixed Case" + 1"""
@@ -335,6 +382,27 @@ def table_digests(dsn: str) -> dict[str, tuple[int, str]]:
             ).fetchone()
             assert row is not None
             out[f"{schema}.{name}"] = (int(row[0]), str(row[1]))
+    return out
+
+
+def digests_in(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, str]]:
+    """Like :func:`table_digests`, inside the caller's transaction (e.g. a snapshot)."""
+    out: dict[str, tuple[int, str]] = {}
+    tables = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cdcsync') "
+        "AND n.nspname NOT LIKE 'pg_toast%%' ORDER BY 1, 2"
+    ).fetchall()
+    for schema, name in tables:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' "
+                "ORDER BY md5(t::text))), '') FROM {} t"
+            ).format(sql.Identifier(schema, name))
+        ).fetchone()
+        assert row is not None
+        out[f"{schema}.{name}"] = (int(row[0]), str(row[1]))
     return out
 
 
