@@ -157,11 +157,11 @@ class LocalStack:
                     raise StackError(
                         f"{java} is older than Java 17: install openjdk-17-jre-headless"
                     )
-                if not data.get("jars") or not Path(data["jars"], ".complete").exists():
-                    t0 = time.monotonic()
-                    jars, _ = install.resolve_jars()
-                    data["jars"] = str(jars)
-                    self.timings["jars"] = time.monotonic() - t0
+                # The POMs pick the jars: a changed POM means new jars for new services.
+                t0 = time.monotonic()
+                jars, _ = install.resolve_jars()
+                data["jars"] = str(jars)
+                self.timings["jars"] = time.monotonic() - t0
             self._ensure_secrets()
             for name in SERVICES:
                 if name not in wanted:

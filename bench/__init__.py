@@ -1,0 +1,1 @@
+"""Benchmarks: cdcsync beside its peers, in one run, with ratios."""

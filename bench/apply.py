@@ -1,0 +1,359 @@
+"""Apply benchmark: drain the same Debezium topics with cdcsync and with its peers.
+
+One source workload (pgbench plus an insert-heavy table) is captured twice from the
+same point: by Debezium into Kafka topics (then the connector is removed), and by a
+second logical slot for PostgreSQL's native logical replication. Each contender starts
+from the same restored target and is timed until it has applied everything; each
+result is checked against the source by per-table digests. Ceilings: consume-only,
+decode-only, and apply-only (pre-decoded events). The last line is one JSON object.
+
+    python bench/apply.py --scale 10 --transactions 20000 --inserts 200000
+
+Needs CDCSYNC_SOURCE_DSN, CDCSYNC_TARGET_DSN, CDCSYNC_KAFKA_BOOTSTRAP,
+CDCSYNC_CONNECT_URL and CDCSYNC_CONNECT_SECRETS_FILE (``cdcsync stack env``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.peers import native_subscription, run_jdbc_sink, run_native
+from cdcsync.adapters.connect_rest import ConnectClient
+from cdcsync.adapters.debezium_connector import source_connector_config
+from cdcsync.adapters.pg_apply import PgApplier
+from cdcsync.adapters.state_store import ensure_schema
+from cdcsync.config import load_settings
+from cdcsync.core.debezium import decode
+from cdcsync.core.events import Event, TableId
+from cdcsync.engine.drain import applied_offsets, connector_lsn, end_offsets, lagging
+from cdcsync.engine.stream import Endpoint, StreamLoop
+from tests.integration.workload import conninfo_env, digests_in
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+MARKER = "bench-end-marker"
+
+
+def admin(dsn: str, statement: sql.Composed) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def fresh_target(target_admin: str, dump: Path, name: str) -> str:
+    admin(target_admin, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = psycopg.conninfo.make_conninfo(target_admin, dbname=name)
+    subprocess.run(
+        [f"{PG_BIN}/pg_restore", "--no-owner", "-d", dsn, str(dump)],
+        check=True,
+        capture_output=True,
+    )
+    return dsn
+
+
+def drop(target_admin: str, name: str) -> None:
+    dsn = psycopg.conninfo.make_conninfo(target_admin, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for (sub,) in conn.execute(
+                "SELECT subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+                "WHERE d.datname = current_database()"
+            ).fetchall():
+                ident = sql.Identifier(str(sub))
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+                conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+    except psycopg.OperationalError:
+        pass  # never created
+    admin(
+        target_admin,
+        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)),
+    )
+
+
+def all_messages(bootstrap: str, topics: list[str]) -> list[Any]:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{secrets.token_hex(4)}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe(topics)
+    total = sum(end_offsets(bootstrap, topics[0].split(".")[0]).values())
+    out: list[Any] = []
+    deadline = time.monotonic() + 600
+    while len(out) < total and time.monotonic() < deadline:
+        out.extend(m for m in consumer.consume(5000, timeout=1.0) if not m.error())
+    consumer.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=2, help="pgbench scale of the source")
+    parser.add_argument(
+        "--transactions", type=int, default=5000, help="pgbench transactions per client"
+    )
+    parser.add_argument("--inserts", type=int, default=50000, help="rows of the insert-heavy table")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    env = os.environ
+    source_admin, target_admin = env["CDCSYNC_SOURCE_DSN"], env["CDCSYNC_TARGET_DSN"]
+    bootstrap, connect_url = env["CDCSYNC_KAFKA_BOOTSTRAP"], env["CDCSYNC_CONNECT_URL"]
+    run = secrets.token_hex(3)
+    prefix = f"bench{run}"
+    src_db = f"bench_src_{run}"
+    admin(source_admin, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(src_db)))
+    source = psycopg.conninfo.make_conninfo(source_admin, dbname=src_db)
+    settings = load_settings(
+        source_dsn=source,
+        target_dsn=target_admin,
+        kafka_bootstrap=bootstrap,
+        connect_url=connect_url,
+        migration_id=prefix,
+        connect_secrets_file=env["CDCSYNC_CONNECT_SECRETS_FILE"],
+    )
+    client = ConnectClient(connect_url)
+    dump = Path(tempfile.mkdtemp()) / "base.dump"
+    results: dict[str, list[float]] = {}
+    created: list[str] = []
+    try:
+        pg_env = {**env, **conninfo_env(source)}
+        subprocess.run(
+            [f"{PG_BIN}/pgbench", "-i", "-q", "-s", str(args.scale)],
+            env=pg_env,
+            check=True,
+            capture_output=True,
+        )
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
+            conn.execute("CREATE TABLE ins (id bigserial PRIMARY KEY, payload text NOT NULL)")
+            tables = [
+                TableId("public", t)
+                for t in (
+                    "pgbench_accounts",
+                    "pgbench_branches",
+                    "pgbench_tellers",
+                    "pgbench_history",
+                    "ins",
+                )
+            ]
+            conn.execute(
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                    sql.Identifier(settings.publication_name),
+                    sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables),
+                )
+            )
+        subprocess.run([f"{PG_BIN}/pg_dump", "-Fc", "-f", str(dump), "-d", source], check=True)
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (settings.slot_name,)
+            )
+            conn.execute(
+                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"{prefix}_native",)
+            )
+        print("workload …", flush=True)
+        subprocess.run(
+            [f"{PG_BIN}/pgbench", "-n", "-t", str(args.transactions), "-c", "4", "-j", "2"],
+            env=pg_env,
+            check=True,
+            capture_output=True,
+        )
+        with psycopg.connect(source, autocommit=True) as conn:
+            for start in range(0, args.inserts, 500):
+                conn.execute(
+                    "INSERT INTO ins (payload) SELECT md5(g::text) || repeat('x', 100) "
+                    "FROM generate_series(1, %s) g",
+                    (min(500, args.inserts - start),),
+                )
+            conn.execute("INSERT INTO ins (payload) VALUES (%s)", (MARKER,))
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            assert row is not None
+            end_lsn_text = str(row[0])
+            expected = digests_in(conn)
+        high, low = end_lsn_text.split("/")
+        end_lsn = (int(high, 16) << 32) | int(low, 16)
+
+        name = f"{prefix}-source"
+        client.put_config(name, source_connector_config(settings, tables, dsn=source))
+        client.wait_running(name, timeout=120)
+        t0 = time.monotonic()
+        while (connector_lsn(client, name) or 0) < end_lsn:
+            time.sleep(0.5)
+            if time.monotonic() - t0 > 1800:
+                raise SystemExit("Debezium did not catch up")
+        client.delete(name)
+        ends = end_offsets(bootstrap, prefix)
+        topics = sorted({t for t, _ in ends})
+        events = sum(ends.values())
+        print(
+            f"{events} events in {len(topics)} topics (Debezium took "
+            f"{time.monotonic() - t0:.1f}s to publish them)",
+            flush=True,
+        )
+
+        def timed(label: str, fn: Any) -> None:
+            t = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t
+            results.setdefault(label, []).append(elapsed)
+            print(f"{label:22s} {elapsed:8.2f} s  {events / elapsed:10.0f} events/s", flush=True)
+
+        for round_no in range(args.repeat):
+            # Ceilings.
+            box: dict[str, Any] = {}
+            timed("consume_only", lambda box=box: box.update(msgs=all_messages(bootstrap, topics)))
+            timed(
+                "decode_only",
+                lambda box=box: box.update(
+                    events=[
+                        decode(
+                            m.topic(),
+                            m.partition(),
+                            m.offset(),
+                            m.key(),
+                            m.value(),
+                            topic_prefix=prefix,
+                        )
+                        for m in box.pop("msgs")
+                    ]
+                ),
+            )
+            db = f"bench_apply_{run}_{round_no}"
+            created.append(db)
+            target = fresh_target(target_admin, dump, db)
+
+            def apply_only(target: str = target, box: dict[str, Any] = box) -> None:
+                decoded: list[Event] = box.pop("events")
+                with psycopg.connect(target) as conn:
+                    applier = PgApplier(conn)
+                    applier.prepare_session()
+                    conn.execute("SET synchronous_commit = off")
+                    for i in range(0, len(decoded), 20000):
+                        applier.apply(decoded[i : i + 20000])
+                        conn.commit()
+
+            timed("apply_only", apply_only)
+
+            # cdcsync.
+            db = f"bench_cdcsync_{run}_{round_no}"
+            created.append(db)
+            target = fresh_target(target_admin, dump, db)
+            with psycopg.connect(target, autocommit=True) as conn:
+                ensure_schema(conn)
+            mig = f"{prefix}_r{round_no}"
+            s = settings.model_copy(
+                update={"migration_id": mig, "target_dsn": target, "instance_id": mig}
+            )
+            loop = StreamLoop(s, Endpoint("forward", prefix, target, source, set(tables)))
+
+            def cdcsync_run(loop: StreamLoop = loop, target: str = target, mig: str = mig) -> None:
+                thread = threading.Thread(target=loop.run, daemon=True)
+                thread.start()
+                with psycopg.connect(target) as conn:
+                    while lagging(ends, applied_offsets(conn, "cdcsync", mig, "forward")):
+                        conn.rollback()
+                        time.sleep(0.05)
+                loop.stop.set()
+                thread.join()
+
+            timed("cdcsync", cdcsync_run)
+            check(target, expected, "cdcsync")
+
+            # Debezium JDBC sink.
+            db = f"bench_jdbc_{run}_{round_no}"
+            created.append(db)
+            target = fresh_target(target_admin, dump, db)
+            timed(
+                "jdbc_sink",
+                lambda target=target: run_jdbc_sink(
+                    client,
+                    bootstrap=bootstrap,
+                    target_dsn=target,
+                    secrets_file=env["CDCSYNC_CONNECT_SECRETS_FILE"],
+                    keyed_topics=topics,
+                    keyless_topics=[],
+                ),
+            )
+            check(target, expected, "jdbc_sink")
+
+            # Native logical replication from its own slot over the same changes.
+            if round_no == 0:
+                db = f"bench_native_{run}"
+                created.append(db)
+                target = fresh_target(target_admin, dump, db)
+                native_subscription(
+                    target,
+                    source,
+                    settings.publication_name,
+                    f"{prefix}_native",
+                    f"{prefix}_native",
+                )
+                timed(
+                    "native_logical",
+                    lambda target=target: run_native(target, f"{prefix}_native", MARKER),
+                )
+                check(target, expected, "native_logical")
+    finally:
+        for db in created:
+            drop(target_admin, db)
+        with psycopg.connect(source_admin, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name LIKE %s AND NOT active",
+                (f"{prefix}%",),
+            )
+        admin(
+            source_admin,
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(src_db)),
+        )
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    ratios = {
+        "cdcsync_vs_jdbc_sink": medians["jdbc_sink"] / medians["cdcsync"],
+        "cdcsync_vs_native_logical": medians["native_logical"] / medians["cdcsync"],
+        "cdcsync_vs_apply_only": medians["apply_only"] / medians["cdcsync"],
+    }
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process (holds the decode ceiling's events too): {rss_mb:.0f} MB")
+    print(
+        json.dumps(
+            {
+                "events": events,
+                "medians_s": medians,
+                "events_per_s": {k: events / v for k, v in medians.items()},
+                "ratios": ratios,
+                "peak_rss_mb": rss_mb,
+            }
+        )
+    )
+
+
+def check(target: str, expected: dict[str, tuple[int, str]], label: str) -> None:
+    with psycopg.connect(target) as conn:
+        got = digests_in(conn)
+    if got != expected:
+        diff = sorted(k for k in expected if got.get(k) != expected[k])
+        print(f"!! {label}: target differs from the source in {diff}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
