@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
+from cdcsync.adapters import offset_store
 from cdcsync.adapters.connect_rest import ConnectClient
 from cdcsync.errors import AbortedSafely
 
@@ -106,14 +106,7 @@ def applied_offsets(
     target: psycopg.Connection[Any], schema: str, migration_id: str, direction: str
 ) -> dict[tuple[str, int], int]:
     """Next offsets the applier has committed, per partition."""
-    rows = target.execute(
-        sql.SQL(
-            "SELECT topic, kafka_partition, next_offset FROM {}.kafka_offset "
-            "WHERE migration_id = %s AND direction = %s"
-        ).format(sql.Identifier(schema)),
-        (migration_id, direction),
-    ).fetchall()
-    return {(str(t), int(p)): int(o) for t, p, o in rows}
+    return offset_store.load(target, schema, migration_id, direction)
 
 
 def lagging(

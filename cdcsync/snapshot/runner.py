@@ -123,11 +123,7 @@ def preflight(
         problems.append("no table to migrate in the chosen schemas/tables")
     if not allow_nonempty:
         for table in tables:
-            exists = target.execute(
-                "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))",
-                (table.schema, table.name),
-            ).fetchone()
-            if exists and exists[0] is not None:
+            if _exists(target, table.schema, table.name):
                 has_rows = target.execute(
                     sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(
                         sql.Identifier(table.schema, table.name)
@@ -192,10 +188,7 @@ def _pre_data(
     """Types, sequences and tables, unless the operator created the schema already."""
     missing = []
     for table in tables:
-        row = target.execute(
-            "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (table.schema, table.name)
-        ).fetchone()
-        if not row or row[0] is None:
+        if not _exists(target, table.schema, table.name):
             missing.append(table)
     target.rollback()
     if not missing:
@@ -242,6 +235,13 @@ def _dump_types(source_dsn: str, schemas: list[str]) -> str:
         if body.startswith("CREATE EXTENSION"):
             keep.append(body.replace("CREATE EXTENSION", "CREATE EXTENSION IF NOT EXISTS") + ";\n")
     return "".join(keep)
+
+
+def _exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", (schema, name)
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _columns(conn: psycopg.Connection[Any], table: TableId) -> list[str]:
@@ -330,10 +330,7 @@ def _copy_sequences(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any]) 
     ).fetchall()
     with tgt.transaction():
         for schema, name, value in rows:
-            exists = tgt.execute(
-                "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (schema, name)
-            ).fetchone()
-            if exists and exists[0] is not None:
+            if _exists(tgt, schema, name):
                 tgt.execute(
                     "SELECT setval(format('%%I.%%I', %s::text, %s::text), %s, true)",
                     (schema, name, value),
@@ -348,13 +345,7 @@ def _cleanup_previous(
     tables: list[TableId],
 ) -> None:
     """Undo an interrupted snapshot: its exported snapshot died with its process."""
-    state = target.execute(
-        sql.SQL("SELECT phase FROM {}.migration WHERE migration_id = %s").format(
-            sql.Identifier(settings.state_schema)
-        ),
-        (settings.migration_id,),
-    ).fetchone()
-    target.rollback()
+    state = migration_state(target, settings)
     if state is None or state[0] != "snapshotting":
         return
     log.warning("previous snapshot was interrupted: restarting it cleanly")
@@ -370,11 +361,7 @@ def _cleanup_previous(
     source.autocommit = False
     with target.transaction():
         for table in tables:
-            exists = target.execute(
-                "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))",
-                (table.schema, table.name),
-            ).fetchone()
-            if exists and exists[0] is not None:
+            if _exists(target, table.schema, table.name):
                 target.execute(
                     sql.SQL("TRUNCATE {}").format(sql.Identifier(table.schema, table.name))
                 )

@@ -364,25 +364,8 @@ def table_digests(dsn: str) -> dict[str, tuple[int, str]]:
     Computed inside the database on each side independently: the text output of a row
     is canonical for every type, so equal digests mean equal rows as PostgreSQL sees them.
     """
-    out: dict[str, tuple[int, str]] = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
-        tables = conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
-            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
-            "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cdcsync') "
-            "AND n.nspname NOT LIKE 'pg_toast%%' ORDER BY 1, 2"
-        ).fetchall()
-        for schema, name in tables:
-            ident = sql.Identifier(schema, name)
-            row = conn.execute(
-                sql.SQL(
-                    "SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' "
-                    "ORDER BY md5(t::text))), '') FROM {} t"
-                ).format(ident)
-            ).fetchone()
-            assert row is not None
-            out[f"{schema}.{name}"] = (int(row[0]), str(row[1]))
-    return out
+        return digests_in(conn)
 
 
 def digests_in(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, str]]:
