@@ -284,18 +284,7 @@ class Load:
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 while time.monotonic() < deadline:
-                    action = rng.choice(
-                        [
-                            "typed",
-                            "typed_upd",
-                            "toast",
-                            "nokey_upd",
-                            "nokey_del",
-                            "nokey_ins",
-                            "truncate",
-                            "odd",
-                        ]
-                    )
+                    action = rng.choice([a for a in ACTIONS if a not in self.exclude])
                     self.stats[action] = self.stats.get(action, 0) + 1
                     if action == "typed":
                         next_key += 1
@@ -346,7 +335,8 @@ class Load:
                         # Moves a row across partitions: a delete and an insert at the source.
                         conn.execute(
                             "UPDATE public.measures SET at = CASE WHEN at < '2024-01-01' "
-                            "THEN at + 366 ELSE at - 366 END WHERE id = %s",
+                            "THEN date '2024-03-01' + (id %% 200) ELSE date '2023-03-01' "
+                            "+ (id %% 200) END WHERE id = %s",
                             (rng.randint(1, 500),),
                         )
                     else:
