@@ -80,6 +80,16 @@ class ApplySettings(BaseModel):
     synchronous_commit: Literal["on", "off", "local"] = "off"
 
 
+class HealthSettings(BaseModel):
+    """Readiness and liveness thresholds of the daemon, and how often lag is probed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lag_slo_seconds: float = Field(default=60.0, gt=0)
+    liveness_timeout_seconds: float = Field(default=30.0, gt=0)
+    probe_interval_seconds: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything a cdcsync command needs to know."""
 
@@ -109,6 +119,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] | None = None
     connector: ConnectorSettings = Field(default_factory=ConnectorSettings)
     apply: ApplySettings = Field(default_factory=ApplySettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     @field_validator("schemas", "tables", mode="before")
     @classmethod

@@ -1,10 +1,18 @@
-"""Write fences: a statement trigger per table that rejects writes with SQLSTATE CDC01.
+"""Write fences: statement triggers that reject writes to a table with SQLSTATE CDC01.
 
-An ordinary trigger fires in every session except those with
-``session_replication_role = replica`` — the applier's — so the fence stops
-applications and operators while cdcsync's own writes pass. Installing it takes a
-lock that waits for writers mid-transaction (under ``lock_timeout``, retried), so
-once it is in place no transaction that could still write is running.
+A fence is an ordinary trigger, so it fires in every session except those with
+``session_replication_role = replica`` — cdcsync's own (the snapshot's workers and the
+applier) — and stops applications and operators while cdcsync's writes pass. The
+message names the table and the migration; the hint says what to do.
+
+A partitioned table is fenced on every member of its partition tree: statement
+triggers of a parent do not fire for statements that name a partition directly.
+
+Installing takes SHARE ROW EXCLUSIVE on each table (CREATE TRIGGER does), which waits
+for transactions that already wrote to it: once the fence is in, no transaction that
+could still write there is running. The wait is bounded by ``lock_timeout`` and
+retried, so a long writer delays the fence instead of queueing every other session
+behind it indefinitely.
 """
 
 from __future__ import annotations
@@ -22,9 +30,16 @@ from cdcsync.errors import AbortedSafely
 SQLSTATE = "CDC01"
 TRIGGER = "cdcsync_fence"
 TRUNCATE_TRIGGER = "cdcsync_fence_truncate"
+_TRIGGERS = (TRIGGER, TRUNCATE_TRIGGER)
+
+
+def is_fence_error(exc: BaseException) -> bool:
+    """Whether a database error is a fence rejecting a write."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate == SQLSTATE
 
 
 def ensure_function(conn: psycopg.Connection[Any], schema: str) -> None:
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     conn.execute(
         sql.SQL(
             """
@@ -40,6 +55,25 @@ def ensure_function(conn: psycopg.Connection[Any], schema: str) -> None:
             """
         ).format(sql.Identifier(schema))
     )
+
+
+def members(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> list[TableId]:
+    """The tables and, for partitioned ones, every member of their partition tree."""
+    out: list[TableId] = []
+    seen: set[TableId] = set()
+    for table in tables:
+        rows = conn.execute(
+            "SELECT n.nspname, c.relname "
+            "FROM pg_partition_tree(to_regclass(%s)) p JOIN pg_class c ON c.oid = p.relid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY p.level, 1, 2",
+            (sql.Identifier(table.schema, table.name).as_string(conn),),
+        ).fetchall()
+        for s, n in rows or [(table.schema, table.name)]:
+            member = TableId(str(s), str(n))
+            if member not in seen:
+                seen.add(member)
+                out.append(member)
+    return out
 
 
 def install(
@@ -62,14 +96,15 @@ def install(
                     )
                 )
                 ensure_function(conn, schema)
-                for table in tables:
+                for table in members(conn, tables):
                     _install_one(conn, table, migration_id, schema)
             return
         except psycopg.errors.LockNotAvailable as exc:
             if attempt == attempts:
                 raise AbortedSafely(
                     f"could not fence {len(tables)} table(s) within {attempts} tries of "
-                    f"{lock_timeout_ms} ms: long-running writers hold locks ({exc})"
+                    f"{lock_timeout_ms} ms: long-running writers hold locks ({exc}); nothing "
+                    "was fenced"
                 ) from exc
             time.sleep(0.05 * attempt)
 
@@ -94,23 +129,32 @@ def _install_one(
 def remove(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> None:
     """Lift the fence (idempotent)."""
     with conn.transaction():
-        for table in tables:
+        for table in members(conn, tables):
             target = sql.Identifier(table.schema, table.name)
-            for name in (TRIGGER, TRUNCATE_TRIGGER):
+            for name in _TRIGGERS:
                 conn.execute(
                     sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), target)
                 )
 
 
 def fenced(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> dict[TableId, bool]:
-    """Which tables carry the fence right now."""
+    """Which tables carry the complete fence right now (a partitioned one: on every member)."""
     out: dict[TableId, bool] = {}
     for table in tables:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s AND t.tgname = ANY(%s)",
-            (table.schema, table.name, [TRIGGER, TRUNCATE_TRIGGER]),
-        ).fetchone()
-        out[table] = bool(row and row[0] == 2)
+        ok = True
+        for member in members(conn, [table]):
+            row = conn.execute(
+                "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s AND t.tgname = ANY(%s) "
+                "AND t.tgenabled = 'O'",
+                (member.schema, member.name, list(_TRIGGERS)),
+            ).fetchone()
+            ok = ok and bool(row and row[0] == len(_TRIGGERS))
+        out[table] = ok
     return out
+
+
+def check(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> list[TableId]:
+    """Tables that are not (completely) fenced; empty when the fence is whole."""
+    return [table for table, ok in fenced(conn, tables).items() if not ok]

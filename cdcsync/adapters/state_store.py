@@ -46,6 +46,22 @@ _DDL: tuple[str, ...] = (
         done_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (migration_id, table_schema, table_name, chunk_no)
     )""",
+    # The snapshot's chunk plan, written once before the copy: a resume copies exactly
+    # the planned chunks that have no snapshot_chunk row yet.
+    """CREATE TABLE IF NOT EXISTS {s}.snapshot_plan (
+        migration_id text NOT NULL,
+        table_schema text NOT NULL,
+        table_name text NOT NULL,
+        chunk_no int NOT NULL,
+        source_schema text NOT NULL,
+        source_name text NOT NULL,
+        kind text NOT NULL,
+        lower_bound text[],
+        upper_bound text[],
+        est_bytes bigint NOT NULL,
+        filenode oid,
+        PRIMARY KEY (migration_id, table_schema, table_name, chunk_no)
+    )""",
     # Next Kafka offset per partition, written in the transaction that applied the batch.
     """CREATE TABLE IF NOT EXISTS {s}.kafka_offset (
         migration_id text NOT NULL,

@@ -26,7 +26,14 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
-    from cdcsync.cli import demo_cmd, run_cmd, stack_cmd  # noqa: F401
+    from cdcsync.cli import (  # noqa: F401
+        control_cmd,
+        demo_cmd,
+        run_cmd,
+        snapshot_cmd,
+        stack_cmd,
+        status_cmd,
+    )
 
 
 def main() -> None:

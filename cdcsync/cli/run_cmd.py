@@ -1,4 +1,4 @@
-"""``cdcsync run`` and ``cdcsync snapshot``."""
+"""``cdcsync run`` (``cdcsync snapshot`` lives in snapshot_cmd)."""
 
 from __future__ import annotations
 
@@ -27,25 +27,3 @@ def run(config: ConfigOpt = None) -> None:
     stop = threading.Event()
     install_signal_handlers(stop)
     raise typer.Exit(run_migration(settings, stop=stop))
-
-
-@app.command()
-def snapshot(
-    config: ConfigOpt = None,
-    allow_nonempty_target: Annotated[
-        bool, typer.Option("--allow-nonempty-target", help="copy into non-empty target tables")
-    ] = False,
-) -> None:
-    """Copy schema and data under the slot's exported snapshot, then indexes and a fence."""
-    from cdcsync.engine.stream import configure_logging
-    from cdcsync.snapshot.runner import run_snapshot
-
-    settings = load_settings(config)
-    configure_logging(settings.log_format)
-    result = run_snapshot(settings, allow_nonempty=allow_nonempty_target)
-    console.print(
-        f"snapshot of {len(result.tables)} table(s): {result.rows} rows, "
-        f"{result.bytes / 1e6:.1f} MB at consistent point {result.consistent_point}"
-    )
-    for step, seconds in result.timings.items():
-        console.print(f"  {step}: {seconds:.2f}s")

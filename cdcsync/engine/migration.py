@@ -44,7 +44,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None) -> int:
     settings.require("source_dsn", "target_dsn", "kafka_bootstrap", "connect_url")
     with connect(settings.target_conninfo(), "target") as target:
         state = migration_state(target, settings)
-    if state is None or state[0] in ("snapshotting",):
+    if state is None or state[0] in ("snapshot",):
         result = run_snapshot(settings)
         log.info("snapshot done: %d rows in %.1fs", result.rows, result.timings.get("total", 0))
     with psycopg.connect(settings.target_conninfo()) as target:

@@ -1,48 +1,65 @@
-"""``cdcsync snapshot``: preflight, pre-data schema, boundary, parallel COPY, post-data, fence.
+"""``cdcsync snapshot``: preflight, schema, boundary, parallel copy, post-data, fence — resumable.
 
-Chunks are ctid ranges (every heap table has them, with or without a key; PostgreSQL
-scans a TID range directly), copied in binary form by ``workers`` threads, each of
-which imported the exported snapshot before the replication connection was released.
-A chunk's completion is recorded in the same target transaction as its rows. A
-crash loses the exported snapshot, so a re-run restarts cleanly: it drops the slot,
-the publication and the partial copy, and begins again — never a duplicated row.
+The steps, each recorded in the target's state before it starts:
+
+1. preflight (:mod:`.preflight`) — nothing is changed when it fails;
+2. ``pre_data``: the schema, unless the operator created it (:mod:`.schema_copy`);
+3. ``boundary``: cdcsync's publication, then the slot and its exported snapshot, held
+   by a process of its own (:mod:`.boundary`);
+4. ``copy``: the chunk plan is stored, then workers copy the chunks not yet recorded
+   (:mod:`.copy`); each chunk's record commits with its rows;
+5. ``post_data``: sequences, indexes and constraints, then the write fence.
+
+Run again after a crash, it continues from the recorded step: the copy under the same
+exported snapshot while its holder still lives (it outlives the crashed process for
+``keep_snapshot_seconds``), otherwise from a clean start — slot, publication and the
+partial copy undone first. Either way no row is copied twice or missed.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import queue
-import subprocess
-import threading
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from cdcsync.adapters import fence
 from cdcsync.adapters.pg import connect
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import Settings
 from cdcsync.core.events import TableId
-from cdcsync.errors import PreconditionError
-from cdcsync.snapshot.boundary import create_publication, create_slot, import_snapshot
+from cdcsync.errors import ConfigError, PreconditionError
+from cdcsync.snapshot import (
+    boundary,
+    catalog,
+    chunking,
+    postdata,
+    preflight,
+    schema_copy,
+    sequences,
+)
+from cdcsync.snapshot import state as st
+from cdcsync.snapshot.catalog import TableInfo
+from cdcsync.snapshot.chunking import Chunk
+from cdcsync.snapshot.copy import (
+    CopyTotals,
+    RateLimiter,
+    SnapshotLost,
+    TableCopy,
+    TableRewritten,
+    copy_chunks,
+    open_source,
+)
+from cdcsync.snapshot.progress import Progress
 
 log = logging.getLogger("cdcsync.snapshot")
 
-BLOCKS_PER_CHUNK = 4096  # 32 MiB of heap per chunk
-_PG_BIN = "/usr/lib/postgresql/15/bin"
-
-
-@dataclass
-class Chunk:
-    table: TableId
-    number: int
-    first_block: int
-    end_block: int | None  # None: to the end of the table
+DEFAULT_KEEP_SNAPSHOT_SECONDS = 900.0
 
 
 @dataclass
@@ -52,369 +69,45 @@ class SnapshotResult:
     rows: int = 0
     bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    slot_name: str = ""
+    publication_name: str = ""
+    how: str = "fresh"  # fresh, resumed, restarted, or done (nothing left to do)
+    sequences: int = 0
+    kept_objects: list[str] = field(default_factory=list)  # post-data objects already there
+    skipped_objects: list[str] = field(default_factory=list)  # foreign keys out of scope
 
 
-def list_tables(conn: psycopg.Connection[Any], settings: Settings) -> list[TableId]:
-    """Migrated tables: every ordinary or partitioned root table in scope."""
-    rows = conn.execute(
-        """
-        SELECT n.nspname, c.relname FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
-          AND n.nspname <> %s
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
-        ORDER BY 1, 2
-        """,
-        (settings.state_schema,),
-    ).fetchall()
-    tables = [TableId(str(s), str(t)) for s, t in rows]
-    if settings.schemas:
-        tables = [t for t in tables if t.schema in settings.schemas]
-    if settings.tables:
-        wanted = set(settings.tables)
-        tables = [t for t in tables if str(t) in wanted]
-    return tables
+@dataclass(frozen=True)
+class Handover:
+    """What streaming needs from the snapshot: Debezium streams from this slot."""
 
-
-def preflight(
-    source: psycopg.Connection[Any],
-    target: psycopg.Connection[Any],
-    settings: Settings,
-    tables: list[TableId],
-    *,
-    allow_nonempty: bool,
-) -> None:
-    """Check everything first; change nothing when any check fails."""
-    problems: list[str] = []
-    level = source.execute("SHOW wal_level").fetchone()
-    if not level or level[0] != "logical":
-        problems.append(
-            f"source wal_level is {level[0] if level else '?'}: run ALTER SYSTEM SET "
-            "wal_level = logical; and restart the source"
-        )
-    role = source.execute(
-        "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    if not role or not role[0]:
-        problems.append(
-            "the source role lacks REPLICATION: ALTER ROLE <role> REPLICATION; (or use a superuser)"
-        )
-    for table in tables:
-        ok = source.execute(
-            "SELECT has_table_privilege(format('%%I.%%I', %s::text, %s::text), 'SELECT')",
-            (table.schema, table.name),
-        ).fetchone()
-        if not ok or not ok[0]:
-            problems.append(f"no SELECT privilege on source table {table}")
-    if source.execute(
-        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (settings.slot_name,)
-    ).fetchone():
-        problems.append(
-            f"replication slot {settings.slot_name} already exists on the source: choose another "
-            "CDCSYNC_MIGRATION_ID, or drop it if it is a leftover"
-        )
-    if source.execute(
-        "SELECT 1 FROM pg_publication WHERE pubname = %s", (settings.publication_name,)
-    ).fetchone():
-        problems.append(f"publication {settings.publication_name} already exists on the source")
-    if not tables:
-        problems.append("no table to migrate in the chosen schemas/tables")
-    if not allow_nonempty:
-        for table in tables:
-            if _exists(target, table.schema, table.name):
-                has_rows = target.execute(
-                    sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(
-                        sql.Identifier(table.schema, table.name)
-                    )
-                ).fetchone()
-                if has_rows and has_rows[0]:
-                    problems.append(
-                        f"target table {table} is not empty (pass --allow-nonempty-target to "
-                        "overwrite it)"
-                    )
-    source.rollback()
-    target.rollback()
-    if problems:
-        raise PreconditionError("snapshot preflight failed:\n  - " + "\n  - ".join(problems))
-
-
-def _dump_section(source_dsn: str, section: str, tables: list[TableId]) -> str:
-    argv = [
-        f"{_PG_BIN}/pg_dump",
-        "--section",
-        section,
-        "--no-owner",
-        "--no-privileges",
-        "--no-publications",
-        "--no-subscriptions",
-        "-d",
-        source_dsn,
-    ]
-    with psycopg.connect(source_dsn) as conn:
-        everything = [leaf for t in tables for leaf in {t, *_leaves(conn, t)}]
-    for table in sorted(everything):
-        argv += ["-t", _dump_pattern(table)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise PreconditionError(f"pg_dump --section={section} failed: {done.stderr.strip()[:2000]}")
-    return done.stdout
-
-
-def _dump_pattern(table: TableId) -> str:
-    # pg_dump patterns: double quotes make names literal (and case-sensitive).
-    def q(name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
-    return f"{q(table.schema)}.{q(table.name)}"
-
-
-def _run_sql_script(dsn: str, script: str, what: str) -> None:
-    done = subprocess.run(
-        [f"{_PG_BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise PreconditionError(f"{what} failed on the target: {done.stderr.strip()[:2000]}")
-
-
-def _pre_data(
-    source_dsn: str, target_dsn: str, tables: list[TableId], target: psycopg.Connection[Any]
-) -> None:
-    """Types, sequences and tables, unless the operator created the schema already."""
-    missing = []
-    for table in tables:
-        if not _exists(target, table.schema, table.name):
-            missing.append(table)
-    target.rollback()
-    if not missing:
-        return
-    if len(missing) != len(tables):
-        raise PreconditionError(
-            "the target has some migrated tables but not others "
-            f"({', '.join(map(str, missing[:5]))} missing): create all or none"
-        )
-    # pg_dump -t with schemas that do not exist on the target: create the schemas first.
-    script = _dump_section(source_dsn, "pre-data", tables)
-    schemas = sorted({t.schema for t in tables})
-    header = "".join(
-        f'CREATE SCHEMA IF NOT EXISTS "{s.replace(chr(34), chr(34) * 2)}";\n' for s in schemas
-    )
-    types = _dump_types(source_dsn, schemas)
-    _run_sql_script(target_dsn, header + types + script, "pre-data schema")
-
-
-def _dump_types(source_dsn: str, schemas: list[str]) -> str:
-    """Enums, domains and other types the tables use (pg_dump -t leaves them out)."""
-    argv = [
-        f"{_PG_BIN}/pg_dump",
-        "--section",
-        "pre-data",
-        "--no-owner",
-        "--no-privileges",
-        "-d",
-        source_dsn,
-        "--exclude-table=*.*",
-    ]
-    for schema in schemas:
-        argv += ["-n", '"' + schema.replace('"', '""') + '"']
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise PreconditionError(f"pg_dump of types failed: {done.stderr.strip()[:2000]}")
-    keep = []
-    for stmt in done.stdout.split(";\n"):
-        body = "\n".join(
-            line for line in stmt.splitlines() if line.strip() and not line.startswith("--")
-        )
-        if body.startswith(("CREATE TYPE", "CREATE DOMAIN", "ALTER DOMAIN")):
-            keep.append(body + ";\n")
-        if body.startswith("CREATE EXTENSION"):
-            keep.append(body.replace("CREATE EXTENSION", "CREATE EXTENSION IF NOT EXISTS") + ";\n")
-    return "".join(keep)
-
-
-def _exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
-    row = conn.execute(
-        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL", (schema, name)
-    ).fetchone()
-    return bool(row and row[0])
-
-
-def _columns(conn: psycopg.Connection[Any], table: TableId) -> list[str]:
-    rows = conn.execute(
-        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
-        "AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
-        (table.schema, table.name),
-    ).fetchall()
-    return [str(r[0]) for r in rows]
-
-
-def _leaves(conn: psycopg.Connection[Any], table: TableId) -> list[TableId]:
-    """A partitioned table's leaf partitions (COPY reads heaps), or the table itself."""
-    rows = conn.execute(
-        "SELECT n.nspname, c.relname "
-        "FROM pg_partition_tree(format('%%I.%%I', %s::text, %s::text)) p "
-        "JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE p.isleaf",
-        (table.schema, table.name),
-    ).fetchall()
-    return [TableId(str(s), str(t)) for s, t in rows] or [table]
-
-
-def plan_chunks(
-    conn: psycopg.Connection[Any], tables: list[TableId], blocks_per_chunk: int = BLOCKS_PER_CHUNK
-) -> list[Chunk]:
-    """Split each heap into block ranges; the last range of a table is open-ended."""
-    chunks: list[Chunk] = []
-    for table in tables:
-        for leaf in _leaves(conn, table):
-            row = conn.execute(
-                "SELECT pg_relation_size(format('%%I.%%I', %s::text, %s::text)) / "
-                "current_setting('block_size')::int",
-                (leaf.schema, leaf.name),
-            ).fetchone()
-            blocks = int(row[0]) if row else 0
-            starts = list(range(0, max(blocks, 1), blocks_per_chunk))
-            for i, start in enumerate(starts):
-                end = starts[i + 1] if i + 1 < len(starts) else None
-                chunks.append(Chunk(leaf, i, start, end))
-    return chunks
-
-
-def _copy_chunk(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    chunk: Chunk,
-    migration_id: str,
-    schema: str,
-) -> tuple[int, int]:
-    columns = _columns(src, chunk.table)
-    cols = sql.SQL(", ").join(map(sql.Identifier, columns))
-    where = sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({chunk.first_block},0)"))
-    if chunk.end_block is not None:
-        where = sql.SQL("{} AND ctid < {}::tid").format(
-            where, sql.Literal(f"({chunk.end_block},0)")
-        )
-    out_sql = sql.SQL("COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT (FORMAT binary)").format(
-        cols, sql.Identifier(chunk.table.schema, chunk.table.name), where
-    )
-    in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
-        sql.Identifier(chunk.table.schema, chunk.table.name), cols
-    )
-    size = 0
-    with tgt.transaction():
-        tcur = tgt.cursor()
-        with src.cursor().copy(out_sql) as reader, tcur.copy(in_sql) as writer:
-            for data in reader:
-                size += len(data)
-                writer.write(data)
-        count = max(tcur.rowcount, 0)
-        tgt.execute(
-            sql.SQL(
-                "INSERT INTO {}.snapshot_chunk (migration_id, table_schema, table_name, chunk_no, "
-                "rows_copied, bytes_copied) VALUES (%s, %s, %s, %s, %s, %s)"
-            ).format(sql.Identifier(schema)),
-            (migration_id, chunk.table.schema, chunk.table.name, chunk.number, count, size),
-        )
-    return count, size
-
-
-def _copy_sequences(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any]) -> int:
-    rows = src.execute(
-        "SELECT schemaname, sequencename, last_value FROM pg_sequences WHERE last_value IS NOT NULL"
-    ).fetchall()
-    with tgt.transaction():
-        for schema, name, value in rows:
-            if _exists(tgt, schema, name):
-                tgt.execute(
-                    "SELECT setval(format('%%I.%%I', %s::text, %s::text), %s, true)",
-                    (schema, name, value),
-                )
-    return len(rows)
-
-
-def _cleanup_previous(
-    source: psycopg.Connection[Any],
-    target: psycopg.Connection[Any],
-    settings: Settings,
-    tables: list[TableId],
-) -> None:
-    """Undo an interrupted snapshot: its exported snapshot died with its process."""
-    state = migration_state(target, settings)
-    if state is None or state[0] != "snapshotting":
-        return
-    log.warning("previous snapshot was interrupted: restarting it cleanly")
-    source.autocommit = True
-    source.execute(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-        "WHERE slot_name = %s AND NOT active",
-        (settings.slot_name,),
-    )
-    source.execute(
-        sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(settings.publication_name))
-    )
-    source.autocommit = False
-    with target.transaction():
-        for table in tables:
-            if _exists(target, table.schema, table.name):
-                target.execute(
-                    sql.SQL("TRUNCATE {}").format(sql.Identifier(table.schema, table.name))
-                )
-        target.execute(
-            sql.SQL("DELETE FROM {}.snapshot_chunk WHERE migration_id = %s").format(
-                sql.Identifier(settings.state_schema)
-            ),
-            (settings.migration_id,),
-        )
-
-
-def _set_phase(
-    target: psycopg.Connection[Any], settings: Settings, phase: str, **data: Any
-) -> None:
-    s = sql.Identifier(settings.state_schema)
-    with target.transaction():
-        target.execute(
-            sql.SQL(
-                "INSERT INTO {}.migration (migration_id, phase, slot_name, publication_name, data) "
-                "VALUES (%s, %s, %s, %s, %s::jsonb) ON CONFLICT (migration_id) DO UPDATE SET "
-                "phase = EXCLUDED.phase, data = {}.migration.data || EXCLUDED.data, "
-                "updated_at = now()"
-            ).format(s, s),
-            (
-                settings.migration_id,
-                phase,
-                settings.slot_name,
-                settings.publication_name,
-                json.dumps(data),
-            ),
-        )
-        if "consistent_point" in data:
-            target.execute(
-                sql.SQL(
-                    "UPDATE {}.migration SET consistent_point = %s::pg_lsn, snapshot_name = %s "
-                    "WHERE migration_id = %s"
-                ).format(s),
-                (data["consistent_point"], data.get("snapshot_name"), settings.migration_id),
-            )
+    slot_name: str
+    publication_name: str
+    consistent_point: str
+    tables: list[TableId]
 
 
 def migration_state(
     target: psycopg.Connection[Any], settings: Settings
 ) -> tuple[str, dict[str, Any]] | None:
-    ensure_schema(target, settings.state_schema)
-    row = target.execute(
-        sql.SQL("SELECT phase, data FROM {}.migration WHERE migration_id = %s").format(
-            sql.Identifier(settings.state_schema)
-        ),
-        (settings.migration_id,),
-    ).fetchone()
-    target.rollback()
-    return (str(row[0]), dict(row[1])) if row else None
+    """(phase, data) of the migration, or None; creates nothing."""
+    found = st.read(target, settings)
+    return None if found is None else (found.phase, found.data)
+
+
+def handover(target: psycopg.Connection[Any], settings: Settings) -> Handover:
+    """Slot, publication, consistent point and tables of a finished snapshot."""
+    found = st.read(target, settings)
+    if found is None or found.phase == st.PHASE_SNAPSHOT or not found.consistent_point:
+        raise PreconditionError(
+            f"migration {settings.migration_id} has no finished snapshot: run cdcsync snapshot"
+        )
+    return Handover(
+        found.slot_name or settings.slot_name,
+        found.publication_name or settings.publication_name,
+        found.consistent_point,
+        found.tables,
+    )
 
 
 def run_snapshot(
@@ -422,114 +115,486 @@ def run_snapshot(
     *,
     allow_nonempty: bool = False,
     on_boundary: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    keep_snapshot_seconds: float = DEFAULT_KEEP_SNAPSHOT_SECONDS,
+    max_rate_mb_s: float | None = None,
+    limiter: RateLimiter | None = None,
 ) -> SnapshotResult:
-    """The whole snapshot phase; returns what it copied and how long each step took."""
+    """The whole snapshot phase (or what an interrupted run left of it).
+
+    ``on_boundary`` is called with the exported snapshot's name while it can still be
+    imported (tests compare the copy with what that snapshot sees). ``progress`` and
+    ``limiter`` may be the caller's, to read the counters and change the pace while
+    the copy runs; ``max_rate_mb_s`` is a fixed pace otherwise.
+    """
     settings.require("source_dsn", "target_dsn")
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    source = connect(settings.source_conninfo(), "source")
-    target = connect(settings.target_conninfo(), "target")
-    try:
-        ensure_schema(target, settings.state_schema)
-        target.commit()
-        tables = list_tables(source, settings)
+    run = _Run(
+        settings,
+        allow_nonempty=allow_nonempty,
+        on_boundary=on_boundary,
+        progress=progress or Progress("auto"),
+        keep_snapshot_seconds=keep_snapshot_seconds,
+        limiter=limiter or RateLimiter(max_rate_mb_s * 1e6 if max_rate_mb_s else None),
+    )
+    return run.execute()
+
+
+class _Run:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        allow_nonempty: bool,
+        on_boundary: Callable[[str], None] | None,
+        progress: Progress,
+        keep_snapshot_seconds: float,
+        limiter: RateLimiter,
+    ) -> None:
+        self.settings = settings
+        self.allow_nonempty = allow_nonempty
+        self.on_boundary = on_boundary
+        self.progress = progress
+        self.keep = keep_snapshot_seconds
+        self.limiter = limiter
+        self.source_dsn = settings.source_conninfo()
+        self.target_dsn = settings.target_conninfo()
+        self.timings: dict[str, float] = {}
+        self.started = time.monotonic()
+        self.holder: boundary.Holder | None = None
+
+    # ------------------------------------------------------------------ driver
+    def execute(self) -> SnapshotResult:
+        source = connect(self.source_dsn, "source")
+        target = connect(self.target_dsn, "target")
+        try:
+            return self._execute(source, target)
+        except BaseException as exc:
+            if (
+                self.holder is not None
+                and self.holder.boundary is not None
+                and not isinstance(exc, TableRewritten | SnapshotLost)
+            ):
+                log.warning(
+                    "snapshot interrupted (%s); the exported snapshot is kept for %.0f s: run "
+                    "cdcsync snapshot again to finish the copy under it",
+                    type(exc).__name__,
+                    self.keep,
+                )
+            raise
+        finally:
+            if self.holder is not None:
+                self.holder.detach()
+            source.close()
+            target.close()
+
+    def _execute(
+        self, source: psycopg.Connection[Any], target: psycopg.Connection[Any]
+    ) -> SnapshotResult:
+        s = self.settings
+        found = st.read(target, s)
+        if found is not None and found.phase != st.PHASE_SNAPSHOT:
+            log.info("migration %s is past its snapshot (phase %s)", s.migration_id, found.phase)
+            return self._result(target, found, how="done")
+        row = source.execute("SELECT current_database()").fetchone()
         source.rollback()
-        _cleanup_previous(source, target, settings, tables)
-        preflight(source, target, settings, tables, allow_nonempty=allow_nonempty)
-        _pre_data(settings.source_conninfo(), settings.target_conninfo(), tables, target)
-        timings["pre_data"] = time.monotonic() - t0
-        _set_phase(target, settings, "snapshotting", tables=[[t.schema, t.name] for t in tables])
+        inputs = st.fingerprint_inputs(s, str(row[0]) if row else "")
+        fingerprint = st.fingerprint(inputs)
+        if found is not None and found.fingerprint and found.fingerprint != fingerprint:
+            before = found.data.get("fingerprint_inputs", {})
+            changed = ", ".join(
+                f"{k}: {before.get(k)!r} → {v!r}" for k, v in inputs.items() if before.get(k) != v
+            )
+            raise ConfigError(
+                f"migration {s.migration_id} was started with other settings "
+                f"({changed or 'unknown'}): run it with the original settings, or use a new "
+                "CDCSYNC_MIGRATION_ID"
+            )
 
-        source.autocommit = True
-        create_publication(source, settings.publication_name, tables)
-        t1 = time.monotonic()
-        boundary = create_slot(settings.source_conninfo(), settings.slot_name)
-        workers = max(1, settings.workers)
-        sources = [psycopg.connect(settings.source_conninfo()) for _ in range(workers)]
-        for conn in sources:
-            import_snapshot(conn, boundary.snapshot_name)
-        if on_boundary is not None:
-            on_boundary(boundary.snapshot_name)  # verification hook: import it too
-        boundary.release()  # every worker holds the snapshot now
-        _set_phase(
-            target,
-            settings,
-            "snapshotting",
-            consistent_point=boundary.consistent_point,
-            snapshot_name=boundary.snapshot_name,
+        if found is not None and found.step == st.STEP_POST_DATA:
+            log.info("resuming: the copy is complete, finishing indexes, sequences and fence")
+            with psycopg.connect(self.source_dsn, autocommit=True) as admin:
+                boundary.end_holder(admin, s.slot_name)  # if the crash came before its release
+            infos = catalog.describe(source, found.tables)
+            return self._finish(source, target, found.tables, infos, how="resumed")
+        if found is not None and found.step == st.STEP_COPY and self._alive(source, found):
+            return self._resume_copy(source, target, found)
+
+        tables = catalog.list_tables(source, s)
+        infos = catalog.describe(source, tables)
+        ours = preflight.Ownership(
+            slot=bool(found and found.data.get("created_slot")),
+            publication=bool(found and found.data.get("created_publication")),
+            target_tables=frozenset(str(t) for t in (found.tables if found else [])),
         )
-        timings["boundary"] = time.monotonic() - t1
+        facts = preflight.gather(
+            source,
+            target,
+            source_dsn=self.source_dsn,
+            tables=tables,
+            infos=infos,
+            slot=s.slot_name,
+            publication=s.publication_name,
+            pg_dump=schema_copy.pg_bin("pg_dump"),
+        )
+        problems = preflight.evaluate(
+            facts,
+            slot=s.slot_name,
+            publication=s.publication_name,
+            allow_nonempty=self.allow_nonempty,
+            ours=ours,
+        )
+        if problems:
+            raise PreconditionError(
+                "snapshot preflight failed, nothing was changed:\n  - " + "\n  - ".join(problems)
+            )
+        ensure_schema(target, s.state_schema)
+        how = "fresh"
+        if found is not None:
+            log.warning(
+                "the previous snapshot attempt stopped at step %s and its exported snapshot is "
+                "gone: undoing it and starting over with a new slot",
+                found.step,
+            )
+            self._undo(source, target, found)
+            how = "restarted"
+        return self._fresh(source, target, tables, infos, facts, inputs, fingerprint, how)
 
-        t2 = time.monotonic()
-        # Sized outside the snapshot transactions: those hold a lock on every table they
-        # touch until they end, and a lock on all of them would deadlock a concurrent
-        # TRUNCATE queued behind it with the workers queued behind that.
-        with psycopg.connect(settings.source_conninfo(), autocommit=True) as sizing:
-            chunks = plan_chunks(sizing, tables, settings.snapshot_chunk_blocks)
-        todo: queue.Queue[Chunk] = queue.Queue()
-        for chunk in sorted(chunks, key=lambda c: -(c.end_block or 10**9)):
-            todo.put(chunk)
-        totals = {"rows": 0, "bytes": 0}
-        errors: list[BaseException] = []
-        lock = threading.Lock()
+    # -------------------------------------------------------------- the steps
+    def _fresh(
+        self,
+        source: psycopg.Connection[Any],
+        target: psycopg.Connection[Any],
+        tables: list[TableId],
+        infos: list[TableInfo],
+        facts: preflight.Facts,
+        inputs: dict[str, Any],
+        fingerprint: str,
+        how: str,
+    ) -> SnapshotResult:
+        s = self.settings
+        self.holder = boundary.Holder.spawn()  # starts while the schema is copied
+        st.write(
+            target,
+            s,
+            st.PHASE_SNAPSHOT,
+            fingerprint=fingerprint,
+            replace_data=True,
+            step=st.STEP_PRE_DATA,
+            tables=[[t.schema, t.name] for t in tables],
+            fingerprint_inputs=inputs,
+            created_slot=False,
+            created_publication=False,
+        )
+        t = time.monotonic()
+        if facts.target_present:
+            log.info("the target already has the migrated tables: using its schema as it is")
+        else:
+            count = schema_copy.copy_pre_data(
+                source,
+                target,
+                source_dsn=self.source_dsn,
+                target_dsn=self.target_dsn,
+                selection=self._selection(source, infos),
+            )
+            log.info("pre-data schema restored on the target: %d objects", count)
+        if self.allow_nonempty and facts.target_nonempty:
+            log.warning(
+                "emptying %d non-empty target table(s) (--allow-nonempty-target)",
+                len(facts.target_nonempty),
+            )
+            st.clear_copy(target, s, tables)
+        self.timings["pre_data"] = time.monotonic() - t
 
-        def work(src: psycopg.Connection[Any]) -> None:
-            tgt = psycopg.connect(settings.target_conninfo())
-            tgt.execute("SET session_replication_role = replica")
-            tgt.commit()
+        t = time.monotonic()
+        # Intent first: from here on an interrupted run is undone by the next one.
+        st.write(
+            target,
+            s,
+            st.PHASE_SNAPSHOT,
+            step=st.STEP_BOUNDARY,
+            created_slot=True,
+            created_publication=True,
+        )
+        with psycopg.connect(self.source_dsn, autocommit=True) as ddl:
+            boundary.create_publication(
+                ddl, s.publication_name, [(i.table, i.partitioned) for i in infos]
+            )
+
+            def waiting(seconds: float) -> None:
+                blockers = boundary.open_transactions(ddl, seconds)
+                log.warning(
+                    "creating slot %s has waited %.0f s for transactions open on the source to "
+                    "end: %s (end them, or wait)",
+                    s.slot_name,
+                    seconds,
+                    "; ".join(blockers[:5]) or "none visible to this role",
+                )
+
             try:
-                while not errors:
-                    try:
-                        chunk = todo.get_nowait()
-                    except queue.Empty:
-                        # Done: end the snapshot transaction now so its table locks do not
-                        # hold up a writer (and the workers queued behind that writer).
-                        src.commit()
-                        return
-                    rows, size = _copy_chunk(
-                        src, tgt, chunk, settings.migration_id, settings.state_schema
-                    )
-                    with lock:
-                        totals["rows"] += rows
-                        totals["bytes"] += size
-                    log.info("copied %s chunk %d: %d rows", chunk.table, chunk.number, rows)
-            except BaseException as exc:  # surfaced below, after every worker stops
-                errors.append(exc)
-            finally:
-                tgt.close()
-
-        threads = [threading.Thread(target=work, args=(src,)) for src in sources]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        with psycopg.connect(settings.source_conninfo()) as seq_conn:
-            seqs = _copy_sequences(seq_conn, target)
-        for conn in sources:
-            conn.close()
-        timings["copy"] = time.monotonic() - t2
-
-        t3 = time.monotonic()
-        post = _dump_section(settings.source_conninfo(), "post-data", tables)
-        if post.strip():
-            _run_sql_script(settings.target_conninfo(), post, "post-data (indexes, constraints)")
-        timings["post_data"] = time.monotonic() - t3
-        fence.install(target, tables, settings.migration_id, schema=settings.state_schema)
-        _set_phase(
+                b = self.holder.create(self.source_dsn, s.slot_name, self.keep, waiting)
+            except BaseException:
+                boundary.drop_publication(ddl, s.publication_name)
+                st.write(
+                    target,
+                    s,
+                    st.PHASE_SNAPSHOT,
+                    step=st.STEP_PRE_DATA,
+                    created_slot=False,
+                    created_publication=False,
+                )
+                raise
+        probe = open_source(self.source_dsn, b.snapshot_name)
+        identity = boundary.snapshot_identity(probe)
+        if self.on_boundary is not None:
+            self.on_boundary(b.snapshot_name)
+        probe.close()
+        log.info(
+            "slot %s created at consistent point %s; snapshot %s exported",
+            b.slot_name,
+            b.consistent_point,
+            b.snapshot_name,
+        )
+        size = chunking.chunk_bytes(
+            sum(i.bytes for i in infos), s.workers, s.snapshot_chunk_blocks * chunking.BLOCK_SIZE
+        )
+        with psycopg.connect(self.source_dsn, autocommit=True) as sizing:
+            plan = plan_chunks(sizing, infos, size)
+        st.save_plan(target, s, plan)
+        st.write(
             target,
-            settings,
-            "snapshotted",
-            rows=totals["rows"],
-            bytes=totals["bytes"],
+            s,
+            st.PHASE_SNAPSHOT,
+            step=st.STEP_COPY,
+            consistent_point=b.consistent_point,
+            snapshot_name=b.snapshot_name,
+            snapshot_identity=identity,
+            holder_pid=b.holder_pid,
+            holder_host=socket.gethostname(),
+        )
+        self.timings["boundary"] = time.monotonic() - t
+
+        self._copy(target, infos, plan, b.snapshot_name)
+        self.holder.release()
+        self.holder = None
+        st.write(target, s, st.PHASE_SNAPSHOT, step=st.STEP_POST_DATA)
+        return self._finish(source, target, tables, infos, how=how)
+
+    def _alive(self, source: psycopg.Connection[Any], found: st.State) -> bool:
+        """Whether an interrupted copy can go on under its own exported snapshot."""
+        s = self.settings
+        if not (found.snapshot_name and found.data.get("snapshot_identity")):
+            return False
+        slot = boundary.slot_info(source, s.slot_name)
+        pub = source.execute(
+            "SELECT 1 FROM pg_publication WHERE pubname = %s", (s.publication_name,)
+        ).fetchone()
+        source.rollback()
+        if slot is None or pub is None:
+            return False
+        return boundary.snapshot_alive(
+            self.source_dsn, found.snapshot_name, str(found.data["snapshot_identity"])
+        )
+
+    def _resume_copy(
+        self, source: psycopg.Connection[Any], target: psycopg.Connection[Any], found: st.State
+    ) -> SnapshotResult:
+        s = self.settings
+        assert found.snapshot_name is not None
+        log.info(
+            "resuming the copy under exported snapshot %s (consistent point %s)",
+            found.snapshot_name,
+            found.consistent_point,
+        )
+        if self.on_boundary is not None:
+            self.on_boundary(found.snapshot_name)
+        infos = catalog.describe(source, found.tables)
+        plan = st.load_plan(target, s)
+        self._copy(target, infos, plan, found.snapshot_name)
+        # The interrupted run's holder still keeps the snapshot: the copy needs it no more.
+        with psycopg.connect(self.source_dsn, autocommit=True) as admin:
+            boundary.end_holder(admin, s.slot_name)
+        st.write(target, s, st.PHASE_SNAPSHOT, step=st.STEP_POST_DATA)
+        return self._finish(source, target, found.tables, infos, how="resumed")
+
+    def _copy(
+        self,
+        target: psycopg.Connection[Any],
+        infos: Sequence[TableInfo],
+        plan: Sequence[Chunk],
+        snapshot_name: str,
+    ) -> CopyTotals:
+        s = self.settings
+        t = time.monotonic()
+        done = st.done_chunks(target, s)
+        how = {info.table: self._how(target, info) for info in infos}
+        per_table: dict[TableId, list[Chunk]] = {info.table: [] for info in infos}
+        for chunk in plan:
+            per_table.setdefault(chunk.table, []).append(chunk)
+        self.progress.plan(
+            {info.table: (info.rows, info.bytes, len(per_table[info.table])) for info in infos}
+        )
+        for (table, _number), (rows, nbytes) in done.items():
+            if table in per_table:
+                self.progress.already_done(table, rows, nbytes, 1)
+        todo = [c for c in plan if (c.table, c.number) not in done]
+        if done:
+            log.info(
+                "%d of %d chunks were copied before; copying the other %d",
+                len(plan) - len(todo),
+                len(plan),
+                len(todo),
+            )
+        with self.progress.shown():
+            totals = copy_chunks(
+                chunking.schedule(todo),
+                how,
+                source_dsn=self.source_dsn,
+                target_dsn=self.target_dsn,
+                snapshot_name=snapshot_name,
+                workers=s.workers,
+                state_schema=s.state_schema,
+                migration_id=s.migration_id,
+                progress=self.progress,
+                limiter=self.limiter,
+            )
+        self.timings["copy"] = time.monotonic() - t
+        return totals
+
+    def _how(self, target: psycopg.Connection[Any], info: TableInfo) -> TableCopy:
+        """Binary when every column's type allows it and the target's column types match."""
+        theirs = catalog.target_columns(target, info.table) or {}
+        target.rollback()
+        same = all(theirs.get(c.name) == c.type_name for c in info.columns)
+        return TableCopy(
+            info.table,
+            tuple(c.name for c in info.columns),
+            info.primary_key,
+            binary=info.binary and same,
+        )
+
+    def _finish(
+        self,
+        source: psycopg.Connection[Any],
+        target: psycopg.Connection[Any],
+        tables: list[TableId],
+        infos: list[TableInfo],
+        *,
+        how: str,
+    ) -> SnapshotResult:
+        s = self.settings
+        t = time.monotonic()
+        schemas = {leaf.relation.schema for i in infos for leaf in i.leaves} | {
+            i.table.schema for i in infos
+        }
+        seqs = sequences.copy_sequences(source, target, schemas)
+        self.timings["sequences"] = time.monotonic() - t
+        t = time.monotonic()
+        selection = self._selection(source, infos)
+        script = schema_copy.parse(schema_copy.dump(self.source_dsn, "post-data", selection))
+        post = postdata.copy_post_data(self.target_dsn, script, s.workers, selection.keep)
+        self.timings["post_data"] = time.monotonic() - t
+        t = time.monotonic()
+        fence.install(target, tables, s.migration_id, schema=s.state_schema)
+        self.timings["fence"] = time.monotonic() - t
+        self.timings["total"] = time.monotonic() - self.started
+        done = st.done_chunks(target, s)
+        st.write(
+            target,
+            s,
+            st.PHASE_SNAPSHOTTED,
+            step="done",
+            rows=sum(r for r, _ in done.values()),
+            bytes=sum(b for _, b in done.values()),
             sequences=seqs,
-            timings=timings,
+            timings=self.timings,
+            kept_objects=post.existing,
+            skipped_objects=post.skipped,
         )
-        timings["total"] = time.monotonic() - t0
+        found = st.read(target, s)
+        assert found is not None
+        result = self._result(target, found, how=how)
+        result.kept_objects = post.existing
+        result.skipped_objects = post.skipped
+        return result
+
+    def _result(
+        self, target: psycopg.Connection[Any], found: st.State, *, how: str
+    ) -> SnapshotResult:
+        done = st.done_chunks(target, self.settings)
         return SnapshotResult(
-            tables, boundary.consistent_point, totals["rows"], totals["bytes"], timings
+            tables=found.tables,
+            consistent_point=found.consistent_point or "",
+            rows=sum(r for r, _ in done.values()),
+            bytes=sum(b for _, b in done.values()),
+            timings=dict(self.timings) if how != "done" else dict(found.data.get("timings", {})),
+            slot_name=found.slot_name or self.settings.slot_name,
+            publication_name=found.publication_name or self.settings.publication_name,
+            how=how,
+            sequences=int(found.data.get("sequences", 0)),
         )
-    finally:
-        source.close()
-        target.close()
+
+    def _undo(
+        self, source: psycopg.Connection[Any], target: psycopg.Connection[Any], found: st.State
+    ) -> None:
+        """Take back what an interrupted attempt created: slot, publication, partial copy."""
+        s = self.settings
+        with psycopg.connect(self.source_dsn, autocommit=True) as admin:
+            if found.data.get("created_slot"):
+                boundary.drop_slot(admin, s.slot_name)
+            if found.data.get("created_publication"):
+                boundary.drop_publication(admin, s.publication_name)
+        st.clear_copy(target, s, found.tables)
+        st.forget_boundary(target, s)
+        source.rollback()
+
+    def _selection(
+        self, source: psycopg.Connection[Any], infos: Sequence[TableInfo]
+    ) -> schema_copy.Selection:
+        return schema_copy.selection_for(
+            source,
+            schemas=self.settings.schemas,
+            tables=self.settings.tables,
+            infos=infos,
+            state_schema=self.settings.state_schema,
+        )
+
+
+def plan_chunks(
+    conn: psycopg.Connection[Any], infos: Sequence[TableInfo], chunk_size: int
+) -> list[Chunk]:
+    """Cut every heap into chunks.
+
+    Primary-key ranges (cut at sampled keys) where the key follows the heap's order;
+    block ranges where there is no key, or where the key is scattered over the heap
+    (random UUIDs, say), so that no chunk has to read the whole heap to find its rows.
+    """
+    plan: list[Chunk] = []
+    for info in infos:
+        number = 0
+        for leaf in info.leaves:
+            rel = chunking.Relation(
+                info.table,
+                leaf.relation,
+                leaf.blocks,
+                leaf.bytes,
+                has_key=bool(info.primary_key) and leaf.has_primary_key,
+                filenode=leaf.filenode,
+            )
+            pieces = chunking.pieces_for(leaf.bytes, chunk_size)
+            bounds: list[chunking.Bound] = []
+            if rel.has_key and pieces > 1:
+                sample = catalog.sample_keys(conn, leaf, info.primary_key, pieces)
+                order = chunking.key_order(sample.blocks)
+                if abs(order) >= chunking.KEY_ORDER_MIN:
+                    bounds = chunking.pick_boundaries(sample.keys, pieces)
+                else:
+                    log.info(
+                        "%s: key order and heap order differ (r=%.2f): copying by block ranges",
+                        leaf.relation,
+                        order,
+                    )
+                    rel = dataclasses.replace(rel, has_key=False)
+            chunks = chunking.plan_relation(rel, chunk_size, number, bounds)
+            number += len(chunks)
+            plan.extend(chunks)
+    return plan
