@@ -47,7 +47,8 @@ ENV_VARS: dict[str, str] = {
     "CDCSYNC_SCHEMAS": "comma-separated source schemas to migrate (default: all non-system)",
     "CDCSYNC_TABLES": "comma-separated schema.table list to migrate (default: all in SCHEMAS)",
     "CDCSYNC_WORKERS": "parallel copy workers (default: number of cores)",
-    "CDCSYNC_SNAPSHOT_CHUNK_BLOCKS": "heap blocks (8 KiB) per snapshot copy chunk (default 4096)",
+    "CDCSYNC_SNAPSHOT_CHUNK_BLOCKS": "snapshot chunk size in 8 KiB units of table plus TOAST "
+    "size (default 4096; shrunk for small copies to keep ~4 chunks per worker)",
     "CDCSYNC_METRICS_ADDR": "host:port of /metrics, /livez, /readyz (default 127.0.0.1:9187)",
     "CDCSYNC_STATE_SCHEMA": "schema holding cdcsync's state on each database (default cdcsync)",
     "CDCSYNC_LOG_FORMAT": "text or json (default: text on a terminal, json otherwise)",

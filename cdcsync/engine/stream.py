@@ -30,7 +30,7 @@ from cdcsync.config import Settings
 from cdcsync.core.batching import Batch, BatchPolicy, gap
 from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX, decode
 from cdcsync.core.events import Event, RowChange, TableId, Truncate
-from cdcsync.errors import DecodeError, HaltedError
+from cdcsync.errors import ConfigError, DecodeError, HaltedError
 
 log = logging.getLogger("cdcsync.stream")
 
@@ -90,6 +90,13 @@ class StreamLoop:
         # Bumped on every assignment change: a batch gathered across one is dropped,
         # since the new assignment re-reads from the offsets stored in the target.
         self._generation = 0
+        # Outside the subscribed pattern, or the loop would read its own dead letters back.
+        self.dead_letter_topic = settings.apply.dead_letter_topic or f"{endpoint.topic_prefix}-dlq"
+        if self.dead_letter_topic.startswith(f"{endpoint.topic_prefix}."):
+            raise ConfigError(
+                f"apply.dead_letter_topic {self.dead_letter_topic!r} is under the topic prefix "
+                f"{endpoint.topic_prefix!r}.: the applier would consume its own dead letters"
+            )
 
     # ------------------------------------------------------------- plumbing
     def _connect(self) -> tuple[psycopg.Connection[Any], PgApplier]:
@@ -282,7 +289,7 @@ class StreamLoop:
     def _dead_letter(self, msg: Any, reason: str) -> None:
         from confluent_kafka import Producer
 
-        topic = self.settings.apply.dead_letter_topic or f"{self.endpoint.topic_prefix}.dlq"
+        topic = self.dead_letter_topic
         if self._dlq is None:
             self._dlq = Producer(
                 {

@@ -24,7 +24,7 @@ from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import load_settings
 from cdcsync.core.events import TableId
 from cdcsync.engine.stream import Endpoint, StreamLoop
-from cdcsync.errors import HaltedError
+from cdcsync.errors import ConfigError, HaltedError
 
 pytestmark = pytest.mark.stack
 
@@ -189,7 +189,7 @@ def test_dead_letter_mode_moves_on(
     case: str, target: str, kafka_bootstrap: str, topic_prefix: str
 ) -> None:
     topic = f"{topic_prefix}.public.items"
-    dlq = f"{topic_prefix}.dlq"
+    dlq = f"{topic_prefix}-dlq"
     produce(kafka_bootstrap, topic, [good(1), BAD[case], good(3)])
     loop = loop_for(target, kafka_bootstrap, topic_prefix, on_error="dead-letter")
     runner = threading.Thread(target=loop.run, daemon=True)
@@ -248,3 +248,8 @@ def test_offset_gap_halts(target: str, kafka_bootstrap: str, topic_prefix: str) 
 def test_at_least_fifteen_kinds() -> None:
     assert len(BAD) >= 15
     assert len({value for _, value in BAD.values()}) >= 15
+
+
+def test_dead_letter_topic_under_the_prefix_is_refused(target: str, topic_prefix: str) -> None:
+    with pytest.raises(ConfigError, match="its own dead letters"):
+        loop_for(target, "127.0.0.1:1", topic_prefix, dead_letter_topic=f"{topic_prefix}.dlq")
