@@ -91,6 +91,33 @@ class HealthSettings(BaseModel):
     probe_interval_seconds: float = Field(default=5.0, gt=0)
 
 
+class CutoverSettings(BaseModel):
+    """Gates and budget of ``cdcsync cutover`` and ``rollback`` (CLI options override)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    freeze_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_lag_seconds: float = Field(default=30.0, ge=0)
+    verify: Literal["none", "counts", "checksum"] = "counts"
+    lock_timeout_ms: int = Field(default=500, ge=1)
+    fence_attempts: int = Field(default=10, ge=1)
+    on_switch: str | None = None
+
+
+class PgbouncerSettings(BaseModel):
+    """The pgbouncer that applications reach the database through (optional).
+
+    ``databases_file`` is the file cdcsync rewrites to repoint ``database`` (pgbouncer's
+    ini includes it with ``%include``); ``admin_dsn`` reaches the admin console.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    admin_dsn: str
+    databases_file: Path
+    database: str
+
+
 class Settings(BaseSettings):
     """Everything a cdcsync command needs to know."""
 
@@ -121,6 +148,8 @@ class Settings(BaseSettings):
     connector: ConnectorSettings = Field(default_factory=ConnectorSettings)
     apply: ApplySettings = Field(default_factory=ApplySettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    cutover: CutoverSettings = Field(default_factory=CutoverSettings)
+    pgbouncer: PgbouncerSettings | None = None
 
     @field_validator("schemas", "tables", mode="before")
     @classmethod
@@ -166,6 +195,23 @@ class Settings(BaseSettings):
     @property
     def connector_name(self) -> str:
         return f"{self.migration_id}-source"
+
+    # The reverse direction (target → old source after cutover) has names of its own.
+    @property
+    def reverse_slot_name(self) -> str:
+        return f"{self.migration_id}_rev_slot"
+
+    @property
+    def reverse_publication_name(self) -> str:
+        return f"{self.migration_id}_rev_pub"
+
+    @property
+    def reverse_topic_prefix(self) -> str:
+        return f"{self.migration_id}_rev"
+
+    @property
+    def reverse_connector_name(self) -> str:
+        return f"{self.migration_id}-reverse"
 
     def source_conninfo(self) -> str:
         return _with_password(self.source_dsn, self.source_password_file, "source")

@@ -1,0 +1,189 @@
+"""The daemon's supervisor: runs whichever stream the migration's state calls for.
+
+Before cutover that is the forward stream (source → target); after it the reverse one
+(target → old source); during a switch's hand-over neither (:func:`switchover.applying`
+decides). The cutover and rollback commands change the state; this loop notices and
+stops one stream before it starts the other, so a process never applies both
+directions at once. A stream that halts is recorded in the migration state (cutover
+preflight refuses while one is) and ends the process with the halt's exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from cdcsync.adapters.pg import connect
+from cdcsync.config import Settings
+from cdcsync.core import switchover as sw
+from cdcsync.core.events import TableId
+from cdcsync.engine import switch
+from cdcsync.engine.stream import Endpoint
+from cdcsync.errors import CdcsyncError, HaltedError
+
+log = logging.getLogger("cdcsync.daemon")
+
+LoopFactory = Callable[[Endpoint, threading.Event], Callable[[], int]]
+
+
+def endpoint(settings: Settings, direction: sw.Direction, tables: list[TableId]) -> Endpoint:
+    """Where ``direction``'s events come from and which database they go to."""
+    if direction == "forward":
+        return Endpoint(
+            "forward",
+            settings.topic_prefix,
+            settings.target_conninfo(),
+            settings.source_conninfo(),
+            set(tables),
+        )
+    return Endpoint(
+        "reverse",
+        settings.reverse_topic_prefix,
+        settings.source_conninfo(),
+        settings.target_conninfo(),
+        set(tables),
+    )
+
+
+class _Running:
+    """One stream loop in a thread of its own, with the error it ended on."""
+
+    def __init__(self, direction: sw.Direction, body: Callable[[], int], stop: threading.Event):
+        self.direction = direction
+        self.stop = stop
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, args=(body,), name=f"stream-{direction}")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _main(self, body: Callable[[], int]) -> None:
+        try:
+            body()
+        except BaseException as exc:  # handed to the supervisor, which decides
+            self.error = exc
+
+    def end(self, timeout: float = 120.0) -> None:
+        self.stop.set()
+        self.thread.join(timeout)
+
+
+class Supervisor:
+    """Polls the migration state and keeps the right stream running."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        make_loop: LoopFactory,
+        *,
+        stop: threading.Event | None = None,
+        poll: float = 0.25,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.make_loop = make_loop
+        self.stop = stop or threading.Event()
+        self.poll = poll
+        self.heartbeat = heartbeat or (lambda: None)
+        self.running: _Running | None = None
+        self._ensured: set[str] = set()
+
+    def run(self) -> int:
+        conn = connect(self.settings.target_conninfo(), "target")
+        try:
+            return self._loop(conn)
+        finally:
+            if self.running is not None:
+                self.running.end()
+            conn.close()
+
+    def _loop(self, conn: psycopg.Connection[Any]) -> int:
+        while not self.stop.is_set():
+            self.heartbeat()
+            state, data = switch.read_state(conn, self.settings)
+            if state.phase == sw.Phase.FINALIZED:
+                log.info("migration %s is finalized: nothing to stream", self.settings.migration_id)
+                return 0
+            want = sw.applying(state)
+            current = self.running
+            if current is not None and current.error is not None:
+                return self._ended(conn, current)
+            if current is not None and current.direction != want:
+                log.info("state %s: stopping the %s stream", state.phase, current.direction)
+                current.end()
+                if current.error is not None:
+                    return self._ended(conn, current)
+                self.running = current = None
+            if current is None and want is not None:
+                self._start(conn, want, state, data)
+            time.sleep(self.poll)
+        return 0
+
+    def _start(
+        self,
+        conn: psycopg.Connection[Any],
+        direction: sw.Direction,
+        state: sw.State,
+        data: dict[str, Any],
+    ) -> None:
+        tables = [TableId(str(s), str(n)) for s, n in data.get("tables", [])]
+        if state.in_progress is None and direction not in self._ensured:
+            # A settled migration: make sure this direction's connector streams (after a
+            # restart or a worker that lost it); a switch in progress arms its own.
+            stream = switch.streams(self.settings)[direction]
+            point = str(
+                ((data.get("streams") or {}).get(direction) or {}).get("consistent_point")
+                or (_consistent_point(conn, self.settings) if direction == "forward" else "")
+            )
+            switch.arm_connector(self.settings, stream, tables, point)
+            self._ensured.add(direction)
+        _record_halt(conn, self.settings, None)
+        log.info("starting the %s stream", direction)
+        stop = threading.Event()
+        body = self.make_loop(endpoint(self.settings, direction, tables), stop)
+        self.running = _Running(direction, body, stop)
+
+    def _ended(self, conn: psycopg.Connection[Any], ended: _Running) -> int:
+        exc = ended.error
+        assert exc is not None
+        self.running = None
+        if isinstance(exc, HaltedError):
+            _record_halt(conn, self.settings, f"{ended.direction}: {exc}")
+            raise exc
+        if isinstance(exc, CdcsyncError):
+            raise exc
+        raise exc
+
+
+def _record_halt(conn: psycopg.Connection[Any], settings: Settings, reason: str | None) -> None:
+    """Keep (or clear) the halt in the state, where cutover preflight looks for it."""
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "UPDATE {}.migration SET data = CASE WHEN %s::jsonb IS NULL "
+                "THEN data - 'halted' ELSE jsonb_set(data, '{{halted}}', %s::jsonb) END "
+                "WHERE migration_id = %s"
+            ).format(sql.Identifier(settings.state_schema)),
+            (
+                None if reason is None else Jsonb(reason),
+                None if reason is None else Jsonb(reason),
+                settings.migration_id,
+            ),
+        )
+
+
+def _consistent_point(conn: psycopg.Connection[Any], settings: Settings) -> str:
+    row = conn.execute(
+        sql.SQL("SELECT consistent_point::text FROM {}.migration WHERE migration_id = %s").format(
+            sql.Identifier(settings.state_schema)
+        ),
+        (settings.migration_id,),
+    ).fetchone()
+    conn.rollback()
+    return str(row[0]) if row and row[0] else ""
