@@ -27,12 +27,15 @@ err_console = Console(stderr=True, soft_wrap=True)
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from cdcsync.cli import (  # noqa: F401
+        assess_cmd,
         control_cmd,
         demo_cmd,
         run_cmd,
         snapshot_cmd,
         stack_cmd,
         status_cmd,
+        switch_cmd,
+        verify_cmd,
     )
 
 
@@ -40,7 +43,11 @@ def main() -> None:
     """Run the CLI; known errors print one clear message and exit with their code."""
     _register()
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's typer.Exit code instead of
+        # exiting with it.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CdcsyncError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)

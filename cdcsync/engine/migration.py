@@ -1,68 +1,38 @@
-"""``cdcsync run``: snapshot when none is recorded, register the connector, stream."""
+"""``cdcsync run``: snapshot when none is recorded, then stream the way the state says."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
 
-import psycopg
-from psycopg import sql
-
-from cdcsync.adapters.connect_rest import ConnectClient
-from cdcsync.adapters.debezium_connector import source_connector_config
 from cdcsync.adapters.pg import connect
 from cdcsync.config import Settings
-from cdcsync.core.events import TableId
-from cdcsync.engine.stream import StreamLoop, forward_endpoint
+from cdcsync.engine.daemon import Supervisor
+from cdcsync.engine.observe import Observability
+from cdcsync.engine.stream import Endpoint, StreamLoop
 from cdcsync.snapshot.runner import migration_state, run_snapshot
 
 log = logging.getLogger("cdcsync.run")
 
 
-def ensure_connector(settings: Settings, tables: list[TableId], consistent_point: str) -> None:
-    """Register the source connector on cdcsync's slot; stale offsets are forgotten."""
-    client = ConnectClient(settings.connect_url)
-    name = settings.connector_name
-    config = source_connector_config(settings, tables)
-    current = client.status(name)
-    registered_for = None
-    if current is not None:
-        existing = client._call("GET", f"/connectors/{name}/config") or {}
-        registered_for = existing.get("cdcsync.consistent.point")
-    config["cdcsync.consistent.point"] = consistent_point
-    if current is not None and registered_for != consistent_point:
-        log.info("connector %s belongs to an earlier slot: resetting its offsets", name)
-        client.reset_offsets(name)
-    client.put_config(name, config)
-    if current is not None and current["connector"]["state"] == "STOPPED":
-        client._call("PUT", f"/connectors/{name}/resume")
-    client.wait_running(name, timeout=120)
-
-
 def run(settings: Settings, *, stop: threading.Event | None = None) -> int:
     settings.require("source_dsn", "target_dsn", "kafka_bootstrap", "connect_url")
+    # Endpoints, lag probe and operator requests for the whole life of the process.
+    with Observability(settings) as observer:
+        return _run(settings, observer, stop)
+
+
+def _run(settings: Settings, observer: Observability, stop: threading.Event | None) -> int:
     with connect(settings.target_conninfo(), "target") as target:
         state = migration_state(target, settings)
     if state is None or state[0] in ("snapshot",):
-        result = run_snapshot(settings)
+        with observer.snapshot_phase():
+            result = run_snapshot(settings, progress=observer.progress, limiter=observer.limiter)
         log.info("snapshot done: %d rows in %.1fs", result.rows, result.timings.get("total", 0))
-    with psycopg.connect(settings.target_conninfo()) as target:
-        state = migration_state(target, settings)
-        assert state is not None
-        point = _consistent_point(target, settings)
-    tables = [TableId(s, t) for s, t in state[1].get("tables", [])]
-    ensure_connector(settings, tables, point)
-    endpoint = forward_endpoint(settings)
-    endpoint.tables = set(tables)
-    return StreamLoop(settings, endpoint, stop=stop).run()
 
+    # Forward before cutover, reverse after it: the supervisor follows the state.
+    def make_loop(endpoint: Endpoint, loop_stop: threading.Event) -> Callable[[], int]:
+        return StreamLoop(settings, endpoint, stop=loop_stop, observer=observer).run
 
-def _consistent_point(target: psycopg.Connection[Any], settings: Settings) -> str:
-    row = target.execute(
-        sql.SQL("SELECT consistent_point::text FROM {}.migration WHERE migration_id = %s").format(
-            sql.Identifier(settings.state_schema)
-        ),
-        (settings.migration_id,),
-    ).fetchone()
-    return str(row[0]) if row else ""
+    return Supervisor(settings, make_loop, stop=stop, heartbeat=observer.heartbeat).run()

@@ -6,6 +6,11 @@ assignment the consumer seeks to the offsets stored there (Kafka's own commits a
 advisory). An offset gap halts; a bad event halts (default) or goes to a dead-letter
 topic, and in either case no offset moves past an event whose effect is not applied.
 Signal handlers only set a flag: the loop finishes the batch in flight and exits.
+
+An optional observer (:class:`StreamObserver`, the daemon's ``Observability``) hears
+every turn, committed batch, dead letter and halt, and says when an operator paused the
+applier; while paused the loop pauses its partitions (keeping its group membership),
+applies nothing and keeps turning, then re-reads the stored offsets on resume.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -45,6 +50,61 @@ class StreamStatus:
     last_lsn: int | None = None
     halted: str | None = None
     heartbeat: float = field(default_factory=time.monotonic)
+
+
+class StreamObserver(Protocol):
+    """What a loop reports (one observer may serve loops of both directions)."""
+
+    def stream_started(self, direction: str, tables: Iterable[TableId] | None) -> None: ...
+    def stream_stopped(self, direction: str) -> None: ...
+    def heartbeat(self) -> None: ...
+    def batch_applied(
+        self,
+        direction: str,
+        events: Sequence[Event],
+        seconds: float,
+        nbytes: int = 0,
+        *,
+        messages: int | None = None,
+    ) -> None: ...
+    def halted(self, direction: str, reason: str, partitions: int = 1) -> None: ...
+    def dead_lettered(
+        self, direction: str, table: TableId | None, kind: str = "decode"
+    ) -> None: ...
+    def paused(self, direction: str | None = None) -> str | None: ...
+
+
+class _Unobserved:
+    """The observer of a loop nobody watches (tests, benchmarks)."""
+
+    def stream_started(self, direction: str, tables: Iterable[TableId] | None) -> None:
+        pass
+
+    def stream_stopped(self, direction: str) -> None:
+        pass
+
+    def heartbeat(self) -> None:
+        pass
+
+    def batch_applied(
+        self,
+        direction: str,
+        events: Sequence[Event],
+        seconds: float,
+        nbytes: int = 0,
+        *,
+        messages: int | None = None,
+    ) -> None:
+        pass
+
+    def halted(self, direction: str, reason: str, partitions: int = 1) -> None:
+        pass
+
+    def dead_lettered(self, direction: str, table: TableId | None, kind: str = "decode") -> None:
+        pass
+
+    def paused(self, direction: str | None = None) -> str | None:
+        return None
 
 
 @dataclass
@@ -77,11 +137,14 @@ class StreamLoop:
         *,
         stop: threading.Event | None = None,
         on_batch: Callable[[StreamStatus], None] | None = None,
+        observer: StreamObserver | None = None,
     ) -> None:
         self.settings = settings
         self.endpoint = endpoint
         self.stop = stop or threading.Event()
         self.on_batch = on_batch
+        self.observer: StreamObserver = observer or _Unobserved()
+        self._paused: str | None = None
         self.status = StreamStatus()
         self.expected: dict[tuple[str, int], int | None] = {}
         self.low: dict[tuple[str, int], int] = {}
@@ -189,9 +252,14 @@ class StreamLoop:
             self.settings.apply.batch_max_bytes,
             self.settings.apply.batch_max_wait_ms / 1000.0,
         )
+        observer, direction = self.observer, self.endpoint.direction
+        observer.stream_started(direction, self.endpoint.tables)
         try:
             while not self.stop.is_set():
                 self.status.heartbeat = time.monotonic()
+                observer.heartbeat()
+                if self._hold_if_paused(consumer, conn):
+                    continue
                 batch = Batch(policy, time.monotonic())
                 events: list[Event] = []
                 raw: dict[tuple[str, int, int], Any] = {}
@@ -201,6 +269,7 @@ class StreamLoop:
                         num_messages=min(2000, policy.max_events - batch.events), timeout=0.1
                     )
                     self.status.heartbeat = time.monotonic()
+                    observer.heartbeat()
                     if self._generation != generation:
                         # The assignment changed under this batch: start over from the
                         # stored offsets (the messages just read included).
@@ -226,9 +295,41 @@ class StreamLoop:
                 if batch.events:
                     self._apply(conn, applier, batch, events, raw)
             return 0
+        except HaltedError as exc:
+            observer.halted(direction, str(exc))
+            raise
         finally:
+            observer.stream_stopped(direction)
             consumer.close()
             conn.close()
+
+    def _hold_if_paused(self, consumer: Any, conn: psycopg.Connection[Any]) -> bool:
+        """While an operator pause lasts: fetch nothing, apply nothing, keep the group.
+
+        Called between batches only, so nothing is in flight. Partitions are paused
+        (again on every turn: a rebalance assigns them unpaused); ``consume`` still
+        runs to serve the group protocol and rebalance callbacks. Anything it returns
+        is dropped, and on resume every partition is re-positioned at the offset
+        stored in the database written to, so nothing is skipped or applied twice.
+        """
+        reason = self.observer.paused(self.endpoint.direction)
+        if reason is None:
+            if self._paused is not None:
+                self._paused = None
+                consumer.resume(consumer.assignment())
+                self._reseek(consumer, conn)
+                log.info("%s applier resumed", self.endpoint.direction)
+            return False
+        if self._paused is None:
+            log.warning("%s applier paused by the operator: %s", self.endpoint.direction, reason)
+        self._paused = reason
+        assigned = consumer.assignment()
+        if assigned:
+            consumer.pause(assigned)
+        dropped = consumer.consume(num_messages=100, timeout=0.2)
+        if dropped:
+            log.debug("paused: %d fetched message(s) left for after resume", len(dropped))
+        return True
 
     def _reseek(self, consumer: Any, conn: psycopg.Connection[Any]) -> None:
         """Position every assigned partition at its stored offset again."""
@@ -283,6 +384,7 @@ class StreamLoop:
             where = _where(msg)
             if self.settings.apply.on_error == "dead-letter":
                 self._dead_letter(msg, str(exc))
+                self.observer.dead_lettered(self.endpoint.direction, None, "decode")
                 return None
             raise HaltedError(f"cannot decode {where}: {exc}") from None
 
@@ -317,6 +419,7 @@ class StreamLoop:
         events: list[Event],
         raw: dict[tuple[str, int, int], Any],
     ) -> None:
+        started = time.monotonic()
         while True:
             try:
                 with conn.transaction():
@@ -337,9 +440,21 @@ class StreamLoop:
                     where = _where(msg) if msg is not None else "batch"
                     raise HaltedError(f"cannot apply {where}: {exc}") from None
                 self._dead_letter(msg, str(exc))
+                bad = next((e for e in events if e.position == pos), None)
+                table = getattr(bad, "table", None)
+                self.observer.dead_lettered(
+                    self.endpoint.direction, table if isinstance(table, TableId) else None, "apply"
+                )
                 events = [e for e in events if e.position != pos]
             except psycopg.OperationalError as exc:
                 raise HaltedError(f"target connection lost: {exc}") from exc
+        self.observer.batch_applied(
+            self.endpoint.direction,
+            events,
+            time.monotonic() - started,
+            batch.size,
+            messages=batch.events,
+        )
         self.status.batches += 1
         self.status.events += len(events)
         for event in events:

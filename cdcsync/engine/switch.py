@@ -678,30 +678,20 @@ class Switcher:
             stored = offset_store.load(
                 into, self.settings.state_schema, self.settings.migration_id, stream.direction
             )
-            times = dict(
-                ((str(t), int(p)), ts)
-                for t, p, ts in into.execute(
-                    sql.SQL(
-                        "SELECT topic, kafka_partition, extract(epoch FROM last_commit_ts) "
-                        "FROM {} WHERE migration_id = %s AND direction = %s"
-                    ).format(sql.Identifier(self.settings.state_schema, "kafka_offset")),
-                    (self.settings.migration_id, stream.direction),
-                ).fetchall()
-            )
             into.rollback()
         finally:
             into.close()
         ends = drain_mod.end_offsets(self.settings.kafka_bootstrap, stream.topic_prefix)
         behind = drain_mod.lagging(ends, stored)
         events = sum(behind.values())
-        now = time.time()
-        ages = [now - float(times[tp]) for tp in behind if times.get(tp) is not None]
-        lag = max(ages) if ages else (0.0 if not behind else float("inf"))
-        ok = lag <= self.options.max_lag
+        lag = oldest_unapplied_age(
+            self.settings.kafka_bootstrap, {tp: stored.get(tp, 0) for tp in behind}
+        )
         return Gate(
             "lag",
-            ok,
-            f"{events} event(s) behind, ~{lag:.1f}s (limit {self.options.max_lag:.1f}s)",
+            lag <= self.options.max_lag,
+            f"{events} event(s) behind, the oldest {lag:.1f}s old "
+            f"(limit {self.options.max_lag:.1f}s)",
         )
 
     def _dead_letter_gate(self, stream: Stream) -> Gate:
@@ -879,6 +869,39 @@ def skip_to_end(conn: psycopg.Connection[Any], settings: Settings, stream: Strea
                 ),
                 (settings.migration_id, stream.direction, topic, partition, high),
             )
+
+
+def oldest_unapplied_age(
+    bootstrap: str, starts: dict[tuple[str, int], int], timeout: float = 5.0
+) -> float:
+    """Seconds since the oldest event not yet applied was written to Kafka (0 if none)."""
+    if not starts:
+        return 0.0
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "cdcsync-probe", "enable.auto.commit": False}
+    )
+    try:
+        consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
+        oldest: float | None = None
+        pending = set(starts)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=len(pending), timeout=0.5):
+                tp = (msg.topic(), msg.partition())
+                if msg.error() or tp not in pending:
+                    continue
+                pending.discard(tp)
+                _kind, stamp = msg.timestamp()
+                if stamp > 0:
+                    oldest = stamp / 1000.0 if oldest is None else min(oldest, stamp / 1000.0)
+                consumer.pause([TopicPartition(tp[0], tp[1])])
+        if pending:
+            return float("inf")  # could not read what is behind: refuse rather than guess
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+    finally:
+        consumer.close()
 
 
 def topic_size(bootstrap: str, topic: str, timeout: float = 5.0) -> int:

@@ -280,9 +280,11 @@ class Load:
     def _hard_cases(self) -> None:
         rng = random.Random(self.seed)
         deadline = time.monotonic() + self.seconds
-        next_key = 1000
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
+                # Past every key an earlier load (on either side of a cutover) used.
+                row = conn.execute("SELECT max(id) FROM public.all_types").fetchone()
+                next_key = max(1000, int(row[0]) if row and row[0] is not None else 0)
                 while time.monotonic() < deadline:
                     action = rng.choice([a for a in ACTIONS if a not in self.exclude])
                     self.stats[action] = self.stats.get(action, 0) + 1
