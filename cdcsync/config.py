@@ -63,6 +63,9 @@ class ConnectorSettings(BaseModel):
     heartbeat_interval_ms: int = Field(default=10_000, ge=0)
     max_batch_size: int = Field(default=8192, ge=1)
     max_queue_size: int = Field(default=32768, ge=1)
+    # How long Debezium waits for more changes before handing a batch over: it bounds
+    # how soon the cutover's drain marker reaches Kafka.
+    poll_interval_ms: int = Field(default=50, ge=1)
     extra: dict[str, str] = Field(default_factory=dict)
 
 
@@ -79,6 +82,9 @@ class ApplySettings(BaseModel):
     unknown_table: Literal["halt", "ignore"] = "halt"
     add_new_columns: bool = False
     synchronous_commit: Literal["on", "off", "local"] = "off"
+    # A halted stream is retried from its stored offsets this often, so the daemon stays
+    # up (and /readyz says why it is not ready) until the operator fixes the cause.
+    halt_retry_seconds: float = Field(default=15.0, gt=0)
 
 
 class HealthSettings(BaseModel):

@@ -63,6 +63,7 @@ def source_connector_config(
         "heartbeat_interval_ms": str(settings.connector.heartbeat_interval_ms),
         "max_batch_size": str(settings.connector.max_batch_size),
         "max_queue_size": str(settings.connector.max_queue_size),
+        "poll_interval_ms": str(settings.connector.poll_interval_ms),
     }
     template = (TEMPLATES / "postgres-source.json").read_text(encoding="utf-8")
     return render(template, values, {**fidelity(), **settings.connector.extra})

@@ -76,7 +76,23 @@ def forward_target(settings: Settings) -> ProbeTarget:
         connector_name=settings.connector_name,
         migration_id=settings.migration_id,
         state_schema=settings.state_schema,
-        dead_letter_topic=settings.apply.dead_letter_topic or f"{settings.topic_prefix}.dlq",
+        dead_letter_topic=settings.apply.dead_letter_topic or f"{settings.topic_prefix}-dlq",
+    )
+
+
+def reverse_target(settings: Settings) -> ProbeTarget:
+    """After cutover: the target's WAL streams back into the old source."""
+    return ProbeTarget(
+        direction="reverse",
+        source_dsn=settings.target_conninfo(),
+        state_dsn=settings.source_conninfo(),
+        slot_name=settings.reverse_slot_name,
+        topic_prefix=settings.reverse_topic_prefix,
+        connector_name=settings.reverse_connector_name,
+        migration_id=settings.migration_id,
+        state_schema=settings.state_schema,
+        dead_letter_topic=settings.apply.dead_letter_topic
+        or f"{settings.reverse_topic_prefix}-dlq",
     )
 
 
@@ -458,7 +474,8 @@ class LagProbe:
         first = self.targets[0] if self.targets else None
         if first is not None:
             try:
-                state = self._db(first.state_dsn, "target")
+                # The migration's state lives on the target, whichever way it streams.
+                state = self._db(self.settings.target_conninfo() or first.state_dsn, "target")
                 report.phase = read_phase(state, first.state_schema, first.migration_id)
                 report.snapshot = self._snapshot(state, first)
             except (psycopg.Error, CdcsyncError) as exc:

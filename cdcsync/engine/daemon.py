@@ -5,7 +5,9 @@ Before cutover that is the forward stream (source → target); after it the reve
 decides). The cutover and rollback commands change the state; this loop notices and
 stops one stream before it starts the other, so a process never applies both
 directions at once. A stream that halts is recorded in the migration state (cutover
-preflight refuses while one is) and ends the process with the halt's exit code.
+preflight refuses while one is) and retried from its stored offsets every
+``apply.halt_retry_seconds``: the process stays up, /readyz says why it is not ready, and
+streaming goes on by itself once the operator has fixed the cause.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cdcsync.core import switchover as sw
 from cdcsync.core.events import TableId
 from cdcsync.engine import switch
 from cdcsync.engine.stream import Endpoint
-from cdcsync.errors import CdcsyncError, HaltedError
+from cdcsync.errors import HaltedError
 
 log = logging.getLogger("cdcsync.daemon")
 
@@ -59,6 +61,7 @@ class _Running:
         self.direction = direction
         self.stop = stop
         self.error: BaseException | None = None
+        self.started = time.monotonic()
         self.thread = threading.Thread(target=self._main, args=(body,), name=f"stream-{direction}")
         self.thread.daemon = True
         self.thread.start()
@@ -68,6 +71,10 @@ class _Running:
             body()
         except BaseException as exc:  # handed to the supervisor, which decides
             self.error = exc
+
+    def healthy_for(self) -> float:
+        """Seconds this stream has run without ending on an error."""
+        return 0.0 if self.error is not None else time.monotonic() - self.started
 
     def end(self, timeout: float = 120.0) -> None:
         self.stop.set()
@@ -85,14 +92,17 @@ class Supervisor:
         stop: threading.Event | None = None,
         poll: float = 0.25,
         heartbeat: Callable[[], None] | None = None,
+        on_direction: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.make_loop = make_loop
         self.stop = stop or threading.Event()
         self.poll = poll
         self.heartbeat = heartbeat or (lambda: None)
+        self.on_direction = on_direction or (lambda direction: None)
         self.running: _Running | None = None
         self._ensured: set[str] = set()
+        self._retry_at = 0.0
 
     def run(self) -> int:
         conn = connect(self.settings.target_conninfo(), "target")
@@ -113,14 +123,17 @@ class Supervisor:
             want = sw.applying(state)
             current = self.running
             if current is not None and current.error is not None:
-                return self._ended(conn, current)
+                self._ended(conn, current)
+                current = None
             if current is not None and current.direction != want:
                 log.info("state %s: stopping the %s stream", state.phase, current.direction)
                 current.end()
                 if current.error is not None:
-                    return self._ended(conn, current)
+                    self._ended(conn, current)
                 self.running = current = None
-            if current is None and want is not None:
+            if current is not None and data.get("halted") and current.healthy_for() > 30:
+                _record_halt(conn, self.settings, None)  # the retry got past the cause
+            if current is None and want is not None and time.monotonic() >= self._retry_at:
                 self._start(conn, want, state, data)
             time.sleep(self.poll)
         return 0
@@ -143,22 +156,23 @@ class Supervisor:
             )
             switch.arm_connector(self.settings, stream, tables, point)
             self._ensured.add(direction)
-        _record_halt(conn, self.settings, None)
         log.info("starting the %s stream", direction)
+        self.on_direction(direction)
         stop = threading.Event()
         body = self.make_loop(endpoint(self.settings, direction, tables), stop)
         self.running = _Running(direction, body, stop)
 
-    def _ended(self, conn: psycopg.Connection[Any], ended: _Running) -> int:
+    def _ended(self, conn: psycopg.Connection[Any], ended: _Running) -> None:
+        """A stream ended on an error: a halt is recorded and retried, the rest re-raised."""
         exc = ended.error
         assert exc is not None
         self.running = None
-        if isinstance(exc, HaltedError):
-            _record_halt(conn, self.settings, f"{ended.direction}: {exc}")
+        if not isinstance(exc, HaltedError):
             raise exc
-        if isinstance(exc, CdcsyncError):
-            raise exc
-        raise exc
+        retry = self.settings.apply.halt_retry_seconds
+        log.error("%s stream halted: %s — retrying in %.0fs", ended.direction, exc, retry)
+        _record_halt(conn, self.settings, f"{ended.direction}: {exc}")
+        self._retry_at = time.monotonic() + retry
 
 
 def _record_halt(conn: psycopg.Connection[Any], settings: Settings, reason: str | None) -> None:

@@ -35,4 +35,6 @@ def _run(settings: Settings, observer: Observability, stop: threading.Event | No
     def make_loop(endpoint: Endpoint, loop_stop: threading.Event) -> Callable[[], int]:
         return StreamLoop(settings, endpoint, stop=loop_stop, observer=observer).run
 
-    return Supervisor(settings, make_loop, stop=stop, heartbeat=observer.heartbeat).run()
+    return Supervisor(
+        settings, make_loop, stop=stop, heartbeat=observer.heartbeat, on_direction=observer.follow
+    ).run()

@@ -129,6 +129,15 @@ class Observability:
         self._poller.start()
         return self
 
+    def follow(self, direction: str) -> None:
+        """Probe the direction the daemon applies now; the other one is not checked."""
+        from cdcsync.adapters.lag_probe import forward_target, reverse_target
+
+        target = forward_target if direction == "forward" else reverse_target
+        if self.probe is not None:
+            self.probe.targets = [target(self.settings)]
+        self.health.forget_direction("reverse" if direction == "forward" else "forward")
+
     @property
     def url(self) -> str | None:
         return None if self.server is None else self.server.url
@@ -197,7 +206,8 @@ class Observability:
         d = metrics.direction_label(direction)
         if tables is not None:
             metrics.declare_tables(d, tables)
-        self.health.clear_halted(d)
+        # A halt stays reported until a batch commits: a retry that halts again at the
+        # same event must not make /readyz flap.
         with self._seen:
             self._seen_generation[d] = -1
         self.health.heartbeat()
@@ -223,6 +233,7 @@ class Observability:
     ) -> None:
         """A batch committed with its offsets: counts, latency, applied source position."""
         metrics.record_batch(direction, events, seconds, nbytes, messages=messages)
+        self.health.clear_halted(metrics.direction_label(direction))
 
     def halted(self, direction: str, reason: str, partitions: int = 1) -> None:
         """The loop stopped at an event it cannot apply: /readyz says so, metrics count it."""

@@ -841,10 +841,19 @@ def ensure_connector(
         log.info("connector %s belongs to an earlier slot: resetting its offsets", name)
         client.reset_offsets(name)
     client.put_config(name, config)
-    status = client.status(name)
-    if status is not None and status["connector"]["state"] == "STOPPED":
-        client._call("PUT", f"/connectors/{name}/resume")
-    client.wait_running(name, timeout=120)
+    # A stopped connector keeps its target state across the config update; resume it,
+    # and again if the worker applied the two out of order.
+    deadline = time.monotonic() + 120
+    while True:
+        status = client.status(name)
+        if status is not None and status["connector"]["state"] in ("STOPPED", "PAUSED"):
+            client._call("PUT", f"/connectors/{name}/resume")
+        try:
+            client.wait_running(name, timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            return
+        except PreconditionError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def skip_to_end(conn: psycopg.Connection[Any], settings: Settings, stream: Stream) -> None:
