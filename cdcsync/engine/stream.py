@@ -39,6 +39,9 @@ from cdcsync.errors import ConfigError, DecodeError, HaltedError
 
 log = logging.getLogger("cdcsync.stream")
 
+#: A batch in progress is applied once the topics stay quiet this long.
+IDLE_LINGER_SECONDS = 0.02
+
 
 @dataclass
 class StreamStatus:
@@ -265,8 +268,12 @@ class StreamLoop:
                 raw: dict[tuple[str, int, int], Any] = {}
                 generation = self._generation
                 while not batch.full(time.monotonic()) and not self.stop.is_set():
+                    # Wait long for the first message; once a batch has started, a short
+                    # quiet spell ends it: a backlog still fills whole batches, and the
+                    # tail of a burst (a cutover's drain) is applied without lingering.
                     msgs = consumer.consume(
-                        num_messages=min(2000, policy.max_events - batch.events), timeout=0.1
+                        num_messages=min(2000, policy.max_events - batch.events),
+                        timeout=0.1 if batch.events == 0 else IDLE_LINGER_SECONDS,
                     )
                     self.status.heartbeat = time.monotonic()
                     observer.heartbeat()
@@ -290,7 +297,7 @@ class StreamLoop:
                         )
                         events.append(event)
                         raw[(msg.topic(), msg.partition(), msg.offset())] = msg
-                    if not msgs and batch.events == 0:
+                    if not msgs:
                         break
                 if batch.events:
                     self._apply(conn, applier, batch, events, raw)

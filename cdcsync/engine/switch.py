@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -652,6 +653,7 @@ class Switcher:
             )
         )
         out.append(self._lag_gate(stream))
+        out.append(self._catch_up_gate(stream))
         out.append(self._dead_letter_gate(stream))
         new = self.db(self.route.new)
         unfenced = fence.check(new, self.tables)
@@ -693,6 +695,54 @@ class Switcher:
             f"{events} event(s) behind, the oldest {lag:.1f}s old "
             f"(limit {self.options.max_lag:.1f}s)",
         )
+
+    def _catch_up_gate(self, stream: Stream) -> Gate:
+        """Drains before the freeze, until one is quick enough to fit the freeze budget.
+
+        Each writes one logical message on the old primary (no table changes) and waits
+        until the whole chain, source WAL to applied rows, is past it. A drain that takes
+        longer than half of ``freeze_timeout`` means the chain lags under the current load:
+        the freeze would last about as long, so the switch keeps waiting (up to
+        ``max_lag``) and then refuses instead of freezing and aborting.
+        """
+        quick = self.options.freeze_timeout / 2
+        deadline = time.monotonic() + max(1.0, self.options.max_lag)
+        took: list[float] = []
+        target = connect(self.dsn[stream.applies], stream.applies)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                started = time.monotonic()
+                try:
+                    drain_mod.drain(
+                        source=self.db(stream.reads),
+                        target=target,
+                        connect=self.connect_client,
+                        connector=stream.connector,
+                        bootstrap=self.settings.kafka_bootstrap,
+                        topic_prefix=stream.topic_prefix,
+                        migration_id=self.settings.migration_id,
+                        state_schema=self.settings.state_schema,
+                        direction=stream.direction,
+                        timeout=max(0.5, left),
+                        poll=0.02,
+                    )
+                except AbortedSafely as exc:
+                    return Gate("caught up", False, f"{exc} (limit --max-lag)")
+                took.append(time.monotonic() - started)
+                if took[-1] <= quick:
+                    shown = ", ".join(f"{t:.2f}s" for t in took)
+                    return Gate("caught up", True, f"a marker went through the chain in {shown}")
+                if time.monotonic() >= deadline:
+                    return Gate(
+                        "caught up",
+                        False,
+                        f"the chain needs {took[-1]:.1f}s to drain under the current load, more "
+                        f"than half the {self.options.freeze_timeout:.1f}s freeze budget; "
+                        "waited --max-lag for it to catch up",
+                    )
+        finally:
+            target.close()
 
     def _dead_letter_gate(self, stream: Stream) -> Gate:
         topic = self.settings.apply.dead_letter_topic or f"{stream.topic_prefix}-dlq"
@@ -824,7 +874,49 @@ def arm_connector(settings: Settings, stream: Stream, tables: list[TableId], poi
         slot_name=stream.slot,
         publication_name=stream.publication,
     )
+    ensure_topics(settings.kafka_bootstrap, stream.topic_prefix, tables)
     ensure_connector(ConnectClient(settings.connect_url), stream.connector, config, point)
+
+
+def topic_names(prefix: str, tables: list[TableId]) -> list[str]:
+    """The topics a connector will write: one per table, logical messages, heartbeats.
+
+    Debezium names a table's topic ``<prefix>.<schema>.<table>`` with every character
+    Kafka does not allow replaced by ``_``.
+    """
+    from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX
+
+    def clean(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+    names = [f"{prefix}.{clean(t.schema)}.{clean(t.name)}" for t in tables]
+    return [*names, f"{prefix}.message", f"{HEARTBEAT_TOPIC_PREFIX}.{prefix}"]
+
+
+def ensure_topics(bootstrap: str, prefix: str, tables: list[TableId]) -> None:
+    """Create a stream's topics before its connector runs.
+
+    The applier subscribes by pattern; a topic that first appears later (the first
+    logical message of a drain, a table's first change) rebalances the consumer group,
+    and one landing inside a cutover's freeze would stall its drain.
+    """
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [t for t in topic_names(prefix, tables) if t not in existing]
+    if not wanted:
+        return
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=-1, replication_factor=-1) for t in wanted]
+    )
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=30)
+        except Exception as exc:  # TOPIC_ALREADY_EXISTS from a concurrent creator is fine
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise PreconditionError(f"cannot create Kafka topic {topic}: {exc}") from exc
 
 
 def ensure_connector(

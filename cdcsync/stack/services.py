@@ -457,7 +457,7 @@ class ConnectService(JavaService):
                     "value.converter=org.apache.kafka.connect.json.JsonConverter",
                     "key.converter.schemas.enable=true",
                     "value.converter.schemas.enable=true",
-                    "offset.flush.interval.ms=100",
+                    "offset.flush.interval.ms=50",
                     f"listeners=http://127.0.0.1:{self.state.port}",
                     "rest.advertised.host.name=127.0.0.1",
                     f"rest.advertised.port={self.state.port}",

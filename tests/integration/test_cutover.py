@@ -31,6 +31,11 @@ from tests.integration.test_e2e_stream import Daemon, wait_streaming
 
 pytestmark = pytest.mark.stack
 
+# An application's pace, not the machine's limit: flat-out pgbench saturates the two
+# cores that PostgreSQL, Kafka, Connect and the applier share here, and then no chain
+# keeps up, so the cutover (rightly) refuses to freeze.
+RATE = 200
+
 
 def _prepare(source_dsn: str, env: dict[str, str], daemon: Daemon, connectors: list[str]) -> None:
     settings = settings_for(env)
@@ -59,7 +64,7 @@ def test_cutover_and_rollback_under_load(
     primary_file = tmp_path / "primary"
     app = App({"source": source_dsn, "target": target_dsn}, primary_file)
     app.start()
-    load = workload.Load(source_dsn, seconds=8, seed=21, exclude=("truncate",))
+    load = workload.Load(source_dsn, seconds=8, seed=21, exclude=("truncate",), rate=RATE)
     load.start()
 
     cut = cdcsync(
@@ -75,7 +80,6 @@ def test_cutover_and_rollback_under_load(
     )
     assert cut.returncode == 0, cut.stderr + daemon.tail()
     report = json.loads(cut.stdout)
-    print("CUTOVER-REPORT", json.dumps(report["steps"]), report["freeze_seconds"])
     assert report["result"] == "done"
     assert report["verification"]["mismatches"] == {}  # equal at the switch point
     assert 0 < report["freeze_seconds"] < 10
@@ -85,7 +89,7 @@ def test_cutover_and_rollback_under_load(
     assert "CDC01" in out or "write-fenced" in out or "number of failed" in out, out
 
     # The target is the primary: its writes flow back to the old source.
-    load2 = workload.Load(target_dsn, seconds=5, seed=22, exclude=("truncate",))
+    load2 = workload.Load(target_dsn, seconds=5, seed=22, exclude=("truncate",), rate=RATE)
     load2.start()
     out2 = load2.wait()
     assert not load2.errors, load2.errors
@@ -105,7 +109,7 @@ def test_cutover_and_rollback_under_load(
     assert writable(source_dsn) and not writable(target_dsn)
 
     # Forward streaming is armed again: new source writes reach the target.
-    load3 = workload.Load(source_dsn, seconds=4, seed=23, exclude=("truncate",))
+    load3 = workload.Load(source_dsn, seconds=4, seed=23, exclude=("truncate",), rate=RATE)
     load3.start()
     load3.wait()
     app.stop()

@@ -64,7 +64,7 @@ def test_no_failed_transaction_across_cutover_and_rollback(
         "CDCSYNC_PGBOUNCER__DATABASE": "app",
     }
     pgbench = subprocess.Popen(
-        [workload.pg_bin("pgbench"), "-n", "-T", "24", "-c", "4", "-j", "2"],
+        [workload.pg_bin("pgbench"), "-n", "-T", "24", "-c", "4", "-j", "2", "-R", "200"],
         env={**os.environ, **workload.conninfo_env(bouncer.dsn("app", passfile))},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -244,6 +244,7 @@ class Load:
     clients: int = 4
     seed: int = 7
     exclude: tuple[str, ...] = ()
+    rate: int | None = None  # pgbench transactions/s (-R); None runs flat out
     stats: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -260,6 +261,7 @@ class Load:
                 str(self.clients),
                 "-j",
                 "2",
+                *(["-R", str(self.rate)] if self.rate else []),
             ],
             env={**os.environ, **conninfo_env(self.dsn)},
             stdout=subprocess.PIPE,
