@@ -136,6 +136,7 @@ class PgbenchLoad:
 
     dsn_for: Callable[[], str]
     slice_seconds: int
+    rate: int = 200
     failed: int = 0
     aborted: int = 0
     processed: int = 0
@@ -170,6 +171,7 @@ class PgbenchLoad:
                     "2",
                     "-T",
                     str(self.slice_seconds),
+                    *(["-R", str(self.rate)] if self.rate else []),
                 ],
                 env=env,
                 capture_output=True,
@@ -322,10 +324,15 @@ class Bench:
                 time.sleep(3)
 
     def mode(
-        self, name: str, cycles: int, dsn_for: Callable[[], str], extra: dict[str, str]
+        self,
+        name: str,
+        cycles: int,
+        dsn_for: Callable[[], str],
+        extra: dict[str, str],
+        rate: int = 200,
     ) -> ModeResult:
         result = ModeResult(name)
-        load = PgbenchLoad(dsn_for, slice_seconds=1 if name == "direct" else 5)
+        load = PgbenchLoad(dsn_for, slice_seconds=1 if name == "direct" else 5, rate=rate)
         load.start()
         try:
             time.sleep(2)  # the load is running before the first freeze
@@ -436,6 +443,12 @@ def main() -> None:
     parser.add_argument("--stack-dir", type=Path, default=Path(".stack/bench"))
     parser.add_argument("--keep-stack", action="store_true", help="leave the stack running")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--rate",
+        type=int,
+        default=200,
+        help="pgbench transactions/s (0: flat out, which saturates a 2-core machine)",
+    )
     args = parser.parse_args()
 
     local = LocalStack(args.stack_dir)
@@ -478,7 +491,9 @@ def main() -> None:
         dsns = {"source": env["CDCSYNC_SOURCE_DSN"], "target": env["CDCSYNC_TARGET_DSN"]}
         for mode in args.modes:
             if mode == "direct":
-                results.append(bench.mode(mode, args.cycles, lambda: dsns[bench.primary()], {}))
+                results.append(
+                    bench.mode(mode, args.cycles, lambda: dsns[bench.primary()], {}, args.rate)
+                )
                 continue
             bouncer = PgbouncerProcess(work / "pgbouncer", local.password_file)
             primary_dsn = dsns[bench.primary()]
@@ -493,7 +508,7 @@ def main() -> None:
             def via_bouncer(dsn: str = through) -> str:
                 return dsn
 
-            results.append(bench.mode(mode, args.cycles, via_bouncer, extra))
+            results.append(bench.mode(mode, args.cycles, via_bouncer, extra, args.rate))
         if not daemon.alive():
             print(f"the daemon exited:\n{daemon.tail()}")
     finally:
