@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from cdcsync.adapters.connect_rest import ConnectClient
 from tests.integration import workload
 from tests.integration.cutover_helpers import (
     LEDGER_DDL,
@@ -169,3 +170,43 @@ def test_refusals_change_nothing(
     fin = cdcsync(migration_env, "finalize")
     assert fin.returncode == 2 and "--confirm" in fin.stderr
     assert daemon.alive(), daemon.tail()
+
+
+def test_finalize_removes_the_way_back(
+    source_dsn: str,
+    target_dsn: str,
+    migration_env: dict[str, str],
+    daemon: Daemon,
+    connectors: list[str],
+) -> None:
+    _prepare(source_dsn, migration_env, daemon, connectors)
+    settings = settings_for(migration_env)
+    # Before a cutover there is nothing to make final.
+    early = cdcsync(migration_env, "finalize", "--confirm", settings.migration_id)
+    assert early.returncode == 3, early.stderr
+    cut = cdcsync(migration_env, "cutover", "--yes", "--verify", "counts")
+    assert cut.returncode == 0, cut.stderr + daemon.tail()
+    wrong = cdcsync(migration_env, "finalize", "--confirm", "someone-else")
+    assert wrong.returncode == 2 and settings.migration_id in wrong.stderr, wrong.stderr
+    done = cdcsync(
+        migration_env, "finalize", "--confirm", settings.migration_id, "--output", "json"
+    )
+    assert done.returncode == 0, done.stderr + daemon.tail()
+    removed = json.loads(done.stdout)["removed"]
+    assert any(settings.reverse_connector_name in r for r in removed), removed
+    client = ConnectClient(migration_env["CDCSYNC_CONNECT_URL"])
+    assert client.status(settings.connector_name) is None
+    assert client.status(settings.reverse_connector_name) is None
+    for dsn in (source_dsn, target_dsn):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            slots = conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+            ).fetchall()
+            pubs = conn.execute("SELECT pubname FROM pg_publication").fetchall()
+        assert slots == [] and pubs == [], (dsn, slots, pubs)
+        assert fenced_tables(dsn) == 0
+    assert writable(target_dsn)
+    # The daemon sees the finalized state and exits cleanly; nothing can be switched back.
+    assert daemon.proc is not None and daemon.proc.wait(timeout=60) == 0, daemon.tail()
+    again = cdcsync(migration_env, "rollback", "--yes")
+    assert again.returncode == 3 and "finalized" in again.stderr, again.stderr
