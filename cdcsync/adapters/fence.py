@@ -58,18 +58,28 @@ def ensure_function(conn: psycopg.Connection[Any], schema: str) -> None:
 
 
 def members(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> list[TableId]:
-    """The tables and, for partitioned ones, every member of their partition tree."""
+    """The tables and, for partitioned ones, every member of their partition tree.
+
+    One query for all of them: fencing runs inside the cutover's write freeze.
+    """
+    wanted = list(tables)
+    if not wanted:
+        return []
+    names = [sql.Identifier(t.schema, t.name).as_string(conn) for t in wanted]
+    rows = conn.execute(
+        "SELECT w.ord, n.nspname, c.relname FROM unnest(%s::text[]) WITH ORDINALITY w(name, ord) "
+        "CROSS JOIN LATERAL pg_partition_tree(to_regclass(w.name)) p "
+        "JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "ORDER BY w.ord, p.level, 2, 3",
+        (names,),
+    ).fetchall()
+    found: dict[int, list[TableId]] = {}
+    for ord_, schema, name in rows:
+        found.setdefault(int(ord_), []).append(TableId(str(schema), str(name)))
     out: list[TableId] = []
     seen: set[TableId] = set()
-    for table in tables:
-        rows = conn.execute(
-            "SELECT n.nspname, c.relname "
-            "FROM pg_partition_tree(to_regclass(%s)) p JOIN pg_class c ON c.oid = p.relid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY p.level, 1, 2",
-            (sql.Identifier(table.schema, table.name).as_string(conn),),
-        ).fetchall()
-        for s, n in rows or [(table.schema, table.name)]:
-            member = TableId(str(s), str(n))
+    for i, table in enumerate(wanted, start=1):
+        for member in found.get(i) or [table]:
             if member not in seen:
                 seen.add(member)
                 out.append(member)
@@ -96,8 +106,10 @@ def install(
                     )
                 )
                 ensure_function(conn, schema)
-                for table in members(conn, tables):
-                    _install_one(conn, table, migration_id, schema)
+                # One round trip for every table: this runs inside the write freeze.
+                batch = [_install_sql(t, migration_id, schema) for t in members(conn, tables)]
+                if batch:
+                    conn.execute(sql.SQL("; ").join(batch))
             return
         except psycopg.errors.LockNotAvailable as exc:
             if attempt == attempts:
@@ -109,32 +121,36 @@ def install(
             time.sleep(0.05 * attempt)
 
 
-def _install_one(
-    conn: psycopg.Connection[Any], table: TableId, migration_id: str, schema: str
-) -> None:
+def _install_sql(table: TableId, migration_id: str, schema: str) -> sql.Composed:
+    """DROP and CREATE of both fence triggers on one table, as one statement batch."""
     target = sql.Identifier(table.schema, table.name)
     func = sql.Identifier(schema, "fence")
+    parts: list[sql.Composable] = []
     for name, events in ((TRIGGER, "INSERT OR UPDATE OR DELETE"), (TRUNCATE_TRIGGER, "TRUNCATE")):
-        conn.execute(
+        parts.append(
             sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), target)
         )
-        conn.execute(
+        parts.append(
             sql.SQL(
                 "CREATE TRIGGER {} BEFORE " + events + " ON {} FOR EACH STATEMENT "
                 "EXECUTE FUNCTION {}({})"
             ).format(sql.Identifier(name), target, func, sql.Literal(migration_id))
         )
+    return sql.SQL("; ").join(parts)
 
 
 def remove(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> None:
     """Lift the fence (idempotent)."""
     with conn.transaction():
-        for table in members(conn, tables):
-            target = sql.Identifier(table.schema, table.name)
-            for name in _TRIGGERS:
-                conn.execute(
-                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), target)
-                )
+        drops = [
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(name), sql.Identifier(table.schema, table.name)
+            )
+            for table in members(conn, tables)
+            for name in _TRIGGERS
+        ]
+        if drops:
+            conn.execute(sql.SQL("; ").join(drops))
 
 
 def fenced(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> dict[TableId, bool]:

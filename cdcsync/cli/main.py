@@ -28,8 +28,10 @@ def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     from cdcsync.cli import (  # noqa: F401
         assess_cmd,
+        backup_cmd,
         control_cmd,
         demo_cmd,
+        report_cmd,
         run_cmd,
         snapshot_cmd,
         stack_cmd,

@@ -499,13 +499,16 @@ class Switcher:
         if level == "none":
             self.report.verification = {"level": "none"}
             return {"verification": {"level": "none", "at": time.time()}}
-        summary = verify_sides(
-            self.dsn[self.route.old],
-            self.dsn[self.route.new],
-            self.tables,
-            level,
-            self.settings.state_schema,
-        )
+        if level == "counts":
+            summary = count_sides(self.db(self.route.old), self.db(self.route.new), self.tables)
+        else:
+            summary = verify_sides(
+                self.dsn[self.route.old],
+                self.dsn[self.route.new],
+                self.tables,
+                level,
+                self.settings.state_schema,
+            )
         self.report.verification = summary
         if summary["mismatches"]:
             raise AbortedSafely(
@@ -565,10 +568,11 @@ class Switcher:
             finally:
                 admin.close()
         frozen_at = self.data.get("frozen_at")
-        if self.freeze_started is not None:
-            self.report.freeze_seconds = self.clock() - self.freeze_started
-        elif isinstance(frozen_at, int | float):
+        if self.options.resume and isinstance(frozen_at, int | float):
+            # The freeze began before the crash: count it from there, not from the resume.
             self.report.freeze_seconds = time.time() - float(frozen_at)
+        elif self.freeze_started is not None:
+            self.report.freeze_seconds = self.clock() - self.freeze_started
         if self.report.freeze_seconds is not None:
             metrics.record_cutover_freeze(self.report.freeze_seconds)
         return {"last_freeze_seconds": self.report.freeze_seconds, "switched_at": time.time()}
@@ -1025,6 +1029,35 @@ def topic_size(bootstrap: str, topic: str, timeout: float = 5.0) -> int:
         consumer.close()
 
 
+def count_rows(conn: psycopg.Connection[Any], tables: list[TableId]) -> list[int]:
+    """Row counts of ``tables`` in one statement: one snapshot, one round trip."""
+    counts = sql.SQL(", ").join(
+        sql.SQL("(SELECT count(*) FROM {})").format(sql.Identifier(t.schema, t.name))
+        for t in tables
+    )
+    row = conn.execute(sql.SQL("SELECT ARRAY[{}]::bigint[]").format(counts)).fetchone()
+    assert row is not None
+    return [int(n) for n in row[0]]
+
+
+def count_sides(
+    old: psycopg.Connection[Any], new: psycopg.Connection[Any], tables: list[TableId]
+) -> dict[str, Any]:
+    """Counts on both sides at once (under the freeze neither side changes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        on_old = pool.submit(count_rows, old, tables)
+        on_new = pool.submit(count_rows, new, tables)
+        a, b = on_old.result(), on_new.result()
+    return {
+        "level": "counts",
+        "tables": len(tables),
+        "rows": sum(a),
+        "mismatches": {str(t): abs(x - y) for t, x, y in zip(tables, a, b, strict=True) if x != y},
+    }
+
+
 def verify_sides(
     old_dsn: str, new_dsn: str, tables: list[TableId], level: str, state_schema: str
 ) -> dict[str, Any]:
@@ -1036,6 +1069,7 @@ def verify_sides(
     return {
         "level": level,
         "tables": len(tables),
+        "rows": sum(r.source_rows or 0 for r in result.tables),
         "mismatches": {str(t): int(n) for t, n in result.mismatches.items() if n},
     }
 
