@@ -65,7 +65,7 @@ class ConnectorSettings(BaseModel):
     max_queue_size: int = Field(default=32768, ge=1)
     # How long Debezium waits for more changes before handing a batch over: it bounds
     # how soon the cutover's drain marker reaches Kafka.
-    poll_interval_ms: int = Field(default=50, ge=1)
+    poll_interval_ms: int = Field(default=20, ge=1)
     extra: dict[str, str] = Field(default_factory=dict)
 
 

@@ -77,17 +77,28 @@ def data_topics(topics: list[str], prefix: str) -> list[str]:
     return sorted(t for t in topics if pattern.match(t))
 
 
-def end_offsets(bootstrap: str, prefix: str, timeout: float = 10.0) -> dict[tuple[str, int], int]:
-    """High watermark of every partition of the migration's data topics."""
-    from confluent_kafka import Consumer, TopicPartition
+def offsets_consumer(bootstrap: str) -> Any:
+    """A consumer that only reads watermarks; reuse it across drains (it costs a connect)."""
+    from confluent_kafka import Consumer
 
-    consumer = Consumer(
+    return Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"cdcsync-drain-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
         }
     )
+
+
+def end_offsets(
+    bootstrap: str, prefix: str, timeout: float = 10.0, consumer: Any = None
+) -> dict[tuple[str, int], int]:
+    """High watermark of every partition of the migration's data topics."""
+    from confluent_kafka import TopicPartition
+
+    own = consumer is None
+    if own:
+        consumer = offsets_consumer(bootstrap)
     try:
         metadata = consumer.list_topics(timeout=timeout)
         result: dict[tuple[str, int], int] = {}
@@ -99,7 +110,8 @@ def end_offsets(bootstrap: str, prefix: str, timeout: float = 10.0) -> dict[tupl
                 result[(topic, partition)] = int(high)
         return result
     finally:
-        consumer.close()
+        if own:
+            consumer.close()
 
 
 def applied_offsets(
@@ -130,6 +142,7 @@ def drain(
     timeout: float = 60.0,
     poll: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
+    consumer: Any = None,
 ) -> DrainResult:
     """Run the four steps; raise :class:`AbortedSafely` when ``timeout`` passes."""
     started = clock()
@@ -147,7 +160,7 @@ def drain(
             )
         time.sleep(poll)
     in_kafka = clock()
-    ends = end_offsets(bootstrap, topic_prefix)
+    ends = end_offsets(bootstrap, topic_prefix, consumer=consumer)
     while True:
         target.rollback()  # a fresh snapshot of the offsets table each poll
         behind = lagging(ends, applied_offsets(target, state_schema, migration_id, direction))

@@ -268,12 +268,13 @@ class StreamLoop:
                 raw: dict[tuple[str, int, int], Any] = {}
                 generation = self._generation
                 while not batch.full(time.monotonic()) and not self.stop.is_set():
-                    # Wait long for the first message; once a batch has started, a short
-                    # quiet spell ends it: a backlog still fills whole batches, and the
-                    # tail of a burst (a cutover's drain) is applied without lingering.
+                    # consume() waits its whole timeout unless the count fills, so a
+                    # short one: a quiet spell ends the batch in progress. A backlog still
+                    # fills whole batches, and the tail of a burst (a cutover's drain) is
+                    # applied without lingering.
                     msgs = consumer.consume(
                         num_messages=min(2000, policy.max_events - batch.events),
-                        timeout=0.1 if batch.events == 0 else IDLE_LINGER_SECONDS,
+                        timeout=IDLE_LINGER_SECONDS,
                     )
                     self.status.heartbeat = time.monotonic()
                     observer.heartbeat()

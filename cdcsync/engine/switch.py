@@ -138,6 +138,7 @@ class Report:
     positions: dict[str, str] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    drain: dict[str, Any] | None = None
     sequences: int | None = None
     message: str = ""
 
@@ -153,6 +154,7 @@ class Report:
             "positions": self.positions,
             "gates": self.gates,
             "verification": self.verification,
+            "drain": self.drain,
             "sequences": self.sequences,
             "message": self.message,
         }
@@ -290,6 +292,7 @@ class Switcher:
         self.data: dict[str, Any] = {}
         self.freeze_started: float | None = None
         self._conns: dict[str, psycopg.Connection[Any]] = {}
+        self._offsets: Any = None
 
     # ------------------------------------------------------------- plumbing
     def db(self, side: sw.Side) -> psycopg.Connection[Any]:
@@ -304,6 +307,15 @@ class Switcher:
         for conn in self._conns.values():
             with contextlib.suppress(Exception):
                 conn.close()
+        if self._offsets is not None:
+            with contextlib.suppress(Exception):
+                self._offsets.close()
+
+    def offsets_consumer(self) -> Any:
+        """One watermark reader for every drain of this command (connected before the freeze)."""
+        if self._offsets is None:
+            self._offsets = drain_mod.offsets_consumer(self.settings.kafka_bootstrap)
+        return self._offsets
 
     def _state_conn(self) -> psycopg.Connection[Any]:
         conn = self._conns.get("state")
@@ -480,19 +492,20 @@ class Switcher:
                 direction=stream.direction,
                 timeout=max(0.5, self.budget_left()),
                 poll=0.02,
+                consumer=self.offsets_consumer(),
             )
         finally:
             target.close()
         self.report.positions["marker_lsn"] = lsn_text(result.marker_lsn)
         self.report.positions["connector_lsn"] = lsn_text(result.connector_lsn)
-        return {
-            "drain": {
-                "marker_lsn": lsn_text(result.marker_lsn),
-                "connector_lsn": lsn_text(result.connector_lsn),
-                "seconds_to_kafka": round(result.seconds_to_kafka, 4),
-                "seconds_to_target": round(result.seconds_to_target, 4),
-            }
+        self.report.drain = {
+            "marker_lsn": lsn_text(result.marker_lsn),
+            "connector_lsn": lsn_text(result.connector_lsn),
+            "seconds_to_kafka": round(result.seconds_to_kafka, 4),
+            "seconds_to_target": round(result.seconds_to_target, 4),
+            "partitions": len(result.end_offsets),
         }
+        return {"drain": self.report.drain}
 
     def step_verify(self) -> dict[str, Any] | None:
         level = self.options.verify
@@ -730,6 +743,7 @@ class Switcher:
                         direction=stream.direction,
                         timeout=max(0.5, left),
                         poll=0.02,
+                        consumer=self.offsets_consumer(),
                     )
                 except AbortedSafely as exc:
                     return Gate("caught up", False, f"{exc} (limit --max-lag)")

@@ -81,6 +81,7 @@ def test_cutover_and_rollback_under_load(
     )
     assert cut.returncode == 0, cut.stderr + daemon.tail()
     report = json.loads(cut.stdout)
+    print("CUTOVER-REPORT", json.dumps(report["steps"]), report["drain"], report["freeze_seconds"])
     assert report["result"] == "done"
     assert report["verification"]["mismatches"] == {}  # equal at the switch point
     assert 0 < report["freeze_seconds"] < 10
