@@ -128,7 +128,7 @@ def _show(doc: dict[str, Any], output: str) -> None:
     if doc.get("result", "").startswith("dry-run"):
         out.print(f"[bold]{doc['kind']} {doc['migration_id']}: {doc['result']}[/]")
         for gate in doc.get("gates", []):
-            mark = "✅" if gate["ok"] else "❌"
+            mark = "✅" if gate["ok"] else ("❌" if gate.get("blocking", True) else "⚠️")
             out.print(f"  {mark} {gate['name']}: {gate['detail']}", highlight=False)
         out.print("steps:")
         for line in str(doc.get("message", "")).splitlines():

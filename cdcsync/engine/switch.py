@@ -447,7 +447,10 @@ class Switcher:
     def step_preflight(self) -> dict[str, Any] | None:
         gates = self.gates()
         self.report.gates = [g.as_dict() for g in gates]
-        failed = [g for g in gates if not g.ok]
+        for warning in (g for g in gates if not g.ok and not g.blocking):
+            self.say(f"warning: {warning.name}: {warning.detail}")
+            log.warning("%s preflight: %s: %s", self.kind, warning.name, warning.detail)
+        failed = [g for g in gates if not g.ok and g.blocking]
         if failed:
             raise PreconditionError(
                 f"{self.kind} preflight failed: "
@@ -689,7 +692,30 @@ class Switcher:
             )
         )
         out.extend(self._reverse_path_gates())
+        if self.kind == Kind.CUTOVER:
+            out.append(self._backup_gate())
         return out
+
+    def _backup_gate(self) -> Gate:
+        """A warning, not a refusal: a verified backup newer than the snapshot exists."""
+        backup = self.data.get("backup") or {}
+        conn = self._state_conn()
+        row = conn.execute(
+            sql.SQL(
+                "SELECT extract(epoch FROM created_at) FROM {}.migration WHERE migration_id = %s"
+            ).format(sql.Identifier(self.settings.state_schema)),
+            (self.settings.migration_id,),
+        ).fetchone()
+        conn.rollback()
+        since = float(row[0]) if row and row[0] is not None else 0.0
+        at = backup.get("at")
+        ok = bool(backup.get("verified")) and isinstance(at, int | float) and float(at) >= since
+        detail = (
+            f"verified backup at {backup.get('location')}"
+            if ok
+            else "no verified backup newer than the snapshot: run `cdcsync backup` first"
+        )
+        return Gate("backup", ok, detail, blocking=False)
 
     def _lag_gate(self, stream: Stream) -> Gate:
         into = connect(self.dsn[stream.applies], stream.applies)
@@ -823,7 +849,7 @@ class Switcher:
         ]
         self.report.result = "dry-run"
         self.report.message = "\n".join(plan)
-        if any(not g.ok for g in gates):
+        if any(not g.ok and g.blocking for g in gates):
             self.report.result = "dry-run: preflight would fail"
         return self.report
 
@@ -833,9 +859,10 @@ class Gate:
     name: str
     ok: bool
     detail: str
+    blocking: bool = True  # a failed non-blocking gate is a warning
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "blocking": self.blocking}
 
 
 # ------------------------------------------------------------------ shared pieces
