@@ -375,6 +375,7 @@ def demo(
         demo_ctx.cutover()
         demo_ctx.rollback()
         demo_ctx.final_verification()
+        demo_ctx.final_report()
     except (CdcsyncError, psycopg.Error, OSError, subprocess.SubprocessError) as exc:
         code = exc.exit_code if isinstance(exc, CdcsyncError) and exc.exit_code else 1
         console.print(f"\n[bold red]✗ step failed:[/] {exc}", highlight=False)
@@ -740,6 +741,17 @@ class _Demo:
             if not self.daemon.alive():
                 raise StepFailed("the daemon exited")
             time.sleep(3)
+
+    def final_report(self) -> None:
+        """The migration report, phase by phase, from what the state recorded."""
+        out_file = self.primary_file.parent / "report.md"
+        _step(f"cdcsync report --format md --out {out_file}")
+        rc, _out, err = _cli(
+            self.env, ["report", "--format", "md", "--out", str(out_file)], timeout=300
+        )
+        if rc != 0:
+            raise StepFailed(f"cdcsync report exited {rc}: {err.strip()[-800:]}")
+        console.print(out_file.read_text(encoding="utf-8"), highlight=False, markup=False)
 
     def switch(self, args: list[str]) -> dict[str, Any]:
         rc, out, err = _cli(
