@@ -271,6 +271,26 @@ def switch_lock(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
         conn.close()
 
 
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C, so a switch stopped before commit is undone."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        del signum, frame
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ------------------------------------------------------------------ the switch
 class Switcher:
     """Runs one cutover or rollback from its recorded state to the end."""
@@ -339,7 +359,7 @@ class Switcher:
 
     # ---------------------------------------------------------------- run
     def run(self) -> Report:
-        with switch_lock(self.settings):
+        with switch_lock(self.settings), _interruptible():
             try:
                 return self._run()
             finally:
@@ -401,7 +421,7 @@ class Switcher:
             self.say(f"{self.kind} {step} …")
             try:
                 extra = self._do(step) or {}
-            except Exception as exc:
+            except (Exception, KeyboardInterrupt) as exc:  # Ctrl-C or SIGTERM aborts too
                 if step == Step.PREFLIGHT:
                     write_state(conn, self.settings, sw.abort(state))  # nothing was changed
                 elif not current.committed and step != Step.COMMIT:
@@ -474,6 +494,7 @@ class Switcher:
 
     def step_freeze(self) -> dict[str, Any] | None:
         self.freeze_started = self.clock()
+        frozen_at = time.time()
         pool = self.settings.pgbouncer
         if pool is not None:
             from cdcsync.adapters.pgbouncer import PgbouncerAdmin
@@ -491,7 +512,7 @@ class Switcher:
             lock_timeout_ms=self.settings.cutover.lock_timeout_ms,
             attempts=self.settings.cutover.fence_attempts,
         )
-        return {"frozen_at": time.time()}
+        return {"frozen_at": frozen_at}
 
     def step_drain(self) -> dict[str, Any] | None:
         stream = self.route.retiring
