@@ -9,6 +9,10 @@ decode-only, and apply-only (pre-decoded events). The last line is one JSON obje
 
     python bench/apply.py --scale 10 --transactions 20000 --inserts 200000
 
+``--applier-rss`` also drains the topics with cdcsync in a fresh process and reports its
+peak RSS (VmHWM): the memory the applier needs for a backlog, without the ceilings' lists.
+``--skip jdbc_sink,native_logical`` leaves out peers on large runs (ratios then omitted).
+
 Needs CDCSYNC_SOURCE_DSN, CDCSYNC_TARGET_DSN, CDCSYNC_KAFKA_BOOTSTRAP,
 CDCSYNC_CONNECT_URL and CDCSYNC_CONNECT_SECRETS_FILE (``cdcsync stack env``).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import secrets
@@ -115,7 +120,14 @@ def main() -> None:
     )
     parser.add_argument("--inserts", type=int, default=50000, help="rows of the insert-heavy table")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: ceilings, jdbc_sink, native_logical"
+    )
+    parser.add_argument(
+        "--applier-rss", action="store_true", help="also measure the applier's peak RSS"
+    )
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
     env = os.environ
     source_admin, target_admin = env["CDCSYNC_SOURCE_DSN"], env["CDCSYNC_TARGET_DSN"]
     bootstrap, connect_url = env["CDCSYNC_KAFKA_BOOTSTRAP"], env["CDCSYNC_CONNECT_URL"]
@@ -136,6 +148,8 @@ def main() -> None:
     dump = Path(tempfile.mkdtemp()) / "base.dump"
     results: dict[str, list[float]] = {}
     created: list[str] = []
+    report = dump.parent / "applier-rss.json"
+    applier_rss_mb: float | None = None
     try:
         pg_env = {**env, **conninfo_env(source)}
         subprocess.run(
@@ -219,40 +233,43 @@ def main() -> None:
             print(f"{label:22s} {elapsed:8.2f} s  {events / elapsed:10.0f} events/s", flush=True)
 
         for round_no in range(args.repeat):
-            # Ceilings.
-            box: dict[str, Any] = {}
-            timed("consume_only", lambda box=box: box.update(msgs=all_messages(bootstrap, topics)))
-            timed(
-                "decode_only",
-                lambda box=box: box.update(
-                    events=[
-                        decode(
-                            m.topic(),
-                            m.partition(),
-                            m.offset(),
-                            m.key(),
-                            m.value(),
-                            topic_prefix=prefix,
-                        )
-                        for m in box.pop("msgs")
-                    ]
-                ),
-            )
-            db = f"bench_apply_{run}_{round_no}"
-            created.append(db)
-            target = fresh_target(target_admin, dump, db)
+            if "ceilings" not in skip:
+                # Ceilings.
+                box: dict[str, Any] = {}
+                timed(
+                    "consume_only", lambda box=box: box.update(msgs=all_messages(bootstrap, topics))
+                )
+                timed(
+                    "decode_only",
+                    lambda box=box: box.update(
+                        events=[
+                            decode(
+                                m.topic(),
+                                m.partition(),
+                                m.offset(),
+                                m.key(),
+                                m.value(),
+                                topic_prefix=prefix,
+                            )
+                            for m in box.pop("msgs")
+                        ]
+                    ),
+                )
+                db = f"bench_apply_{run}_{round_no}"
+                created.append(db)
+                target = fresh_target(target_admin, dump, db)
 
-            def apply_only(target: str = target, box: dict[str, Any] = box) -> None:
-                decoded: list[Event] = box.pop("events")
-                with psycopg.connect(target) as conn:
-                    applier = PgApplier(conn)
-                    applier.prepare_session()
-                    conn.execute("SET synchronous_commit = off")
-                    for i in range(0, len(decoded), 20000):
-                        applier.apply(decoded[i : i + 20000])
-                        conn.commit()
+                def apply_only(target: str = target, box: dict[str, Any] = box) -> None:
+                    decoded: list[Event] = box.pop("events")
+                    with psycopg.connect(target) as conn:
+                        applier = PgApplier(conn)
+                        applier.prepare_session()
+                        conn.execute("SET synchronous_commit = off")
+                        for i in range(0, len(decoded), 20000):
+                            applier.apply(decoded[i : i + 20000])
+                            conn.commit()
 
-            timed("apply_only", apply_only)
+                timed("apply_only", apply_only)
 
             # cdcsync.
             db = f"bench_cdcsync_{run}_{round_no}"
@@ -280,24 +297,25 @@ def main() -> None:
             check(target, expected, "cdcsync")
 
             # Debezium JDBC sink.
-            db = f"bench_jdbc_{run}_{round_no}"
-            created.append(db)
-            target = fresh_target(target_admin, dump, db)
-            timed(
-                "jdbc_sink",
-                lambda target=target: run_jdbc_sink(
-                    client,
-                    bootstrap=bootstrap,
-                    target_dsn=target,
-                    secrets_file=env["CDCSYNC_CONNECT_SECRETS_FILE"],
-                    keyed_topics=topics,
-                    keyless_topics=[],
-                ),
-            )
-            check(target, expected, "jdbc_sink")
+            if "jdbc_sink" not in skip:
+                db = f"bench_jdbc_{run}_{round_no}"
+                created.append(db)
+                target = fresh_target(target_admin, dump, db)
+                timed(
+                    "jdbc_sink",
+                    lambda target=target: run_jdbc_sink(
+                        client,
+                        bootstrap=bootstrap,
+                        target_dsn=target,
+                        secrets_file=env["CDCSYNC_CONNECT_SECRETS_FILE"],
+                        keyed_topics=topics,
+                        keyless_topics=[],
+                    ),
+                )
+                check(target, expected, "jdbc_sink")
 
             # Native logical replication from its own slot over the same changes.
-            if round_no == 0:
+            if round_no == 0 and "native_logical" not in skip:
                 db = f"bench_native_{run}"
                 created.append(db)
                 target = fresh_target(target_admin, dump, db)
@@ -313,6 +331,31 @@ def main() -> None:
                     lambda target=target: run_native(target, f"{prefix}_native", MARKER),
                 )
                 check(target, expected, "native_logical")
+        if args.applier_rss:
+            db = f"bench_rss_{run}"
+            created.append(db)
+            target = fresh_target(target_admin, dump, db)
+            with psycopg.connect(target, autocommit=True) as conn:
+                ensure_schema(conn)
+            mig = f"{prefix}_rss"
+            s = settings.model_copy(
+                update={"migration_id": mig, "target_dsn": target, "instance_id": mig}
+            )
+            child = multiprocessing.get_context("spawn").Process(
+                target=_drain_child,
+                args=(s, Endpoint("forward", prefix, target, source, set(tables)), ends, report),
+            )
+            t = time.perf_counter()
+            child.start()
+            child.join()
+            elapsed = time.perf_counter() - t
+            applier_rss_mb = json.loads(report.read_text())["vmhwm_kb"] / 1024
+            print(
+                f"applier in its own process: {elapsed:.2f} s ({events / elapsed:.0f} events/s, "
+                f"start-up included), peak RSS (VmHWM) {applier_rss_mb:.0f} MB",
+                flush=True,
+            )
+            check(target, expected, "cdcsync (rss)")
     finally:
         for db in created:
             drop(target_admin, db)
@@ -328,9 +371,9 @@ def main() -> None:
         )
     medians = {k: statistics.median(v) for k, v in results.items()}
     ratios = {
-        "cdcsync_vs_jdbc_sink": medians["jdbc_sink"] / medians["cdcsync"],
-        "cdcsync_vs_native_logical": medians["native_logical"] / medians["cdcsync"],
-        "cdcsync_vs_apply_only": medians["apply_only"] / medians["cdcsync"],
+        f"cdcsync_vs_{peer}": medians[peer] / medians["cdcsync"]
+        for peer in ("jdbc_sink", "native_logical", "apply_only")
+        if peer in medians
     }
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process (holds the decode ceiling's events too): {rss_mb:.0f} MB")
@@ -342,9 +385,26 @@ def main() -> None:
                 "events_per_s": {k: events / v for k, v in medians.items()},
                 "ratios": ratios,
                 "peak_rss_mb": rss_mb,
+                "applier_peak_rss_mb": applier_rss_mb,
             }
         )
     )
+
+
+def _drain_child(settings: Any, endpoint: Endpoint, ends: Any, report: Path) -> None:
+    """Drain with cdcsync in a fresh interpreter, then write its peak RSS to ``report``."""
+    loop = StreamLoop(settings, endpoint)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    with psycopg.connect(endpoint.target_dsn) as conn:
+        while lagging(ends, applied_offsets(conn, "cdcsync", settings.migration_id, "forward")):
+            conn.rollback()
+            time.sleep(0.05)
+    loop.stop.set()
+    thread.join()
+    status = Path("/proc/self/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    report.write_text(json.dumps({"vmhwm_kb": hwm}))
 
 
 def check(target: str, expected: dict[str, tuple[int, str]], label: str) -> None:

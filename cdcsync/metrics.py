@@ -594,11 +594,15 @@ def exposition() -> bytes:
 
 
 def _reset_for_tests() -> None:
-    """Forget positions and declared tables (tests run several scenarios in one process)."""
+    """Forget positions, declared tables and labelled series (tests share one process)."""
     global _tables  # noqa: PLW0603
     _positions.clear()
     with _labels_lock:
         _tables = None
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_labelnames", None) and hasattr(collector, "clear"):
+            collector.clear()
+    _init_static()
 
 
 __all__ = [

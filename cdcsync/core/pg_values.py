@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as _dt
+import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 from cdcsync.core.events import UNAVAILABLE, Value
 from cdcsync.errors import DecodeError
@@ -114,8 +117,19 @@ def format_date(days: int) -> str:
     return f"{year:04d}-{month:02d}-{day:02d}"
 
 
+_EPOCH = _dt.datetime(1970, 1, 1)
+_ONE_US = _dt.timedelta(microseconds=1)
+# 0001-01-01 00:00:00 and 9999-12-31 23:59:59.999999: the years datetime formats like we do.
+_DT_MIN_US = (_dt.datetime.min - _EPOCH) // _ONE_US
+_DT_MAX_US = (_dt.datetime.max - _EPOCH) // _ONE_US
+
+
 def format_timestamp_us(micros: int) -> str:
     """Microseconds since the epoch → ``YYYY-MM-DD HH:MM:SS.ffffff[ BC]``."""
+    if _DT_MIN_US <= micros <= _DT_MAX_US:
+        # datetime's C formatting is several times faster than the arithmetic below and
+        # gives the same text for years 1..9999 (tested against it).
+        return (_EPOCH + _dt.timedelta(microseconds=micros)).isoformat(" ", "microseconds")
     if micros in _TS_INFINITY:
         return "infinity"
     if micros in _TS_MINUS_INFINITY:
@@ -317,3 +331,157 @@ def _float_text(value: Any, field: str) -> str:
     if isinstance(value, float):
         return repr(value)
     raise DecodeError(f"expected a number, got {value!r:.40}", field)
+
+
+class NeedsExactText(Exception):
+    """A value holds a float only a fast parser produces: decode again with exact text.
+
+    Internal to decoding, never escapes :func:`cdcsync.core.debezium.decode`.
+    """
+
+
+def _has_float(value: Any) -> bool:
+    """Whether a JSON value holds a plain ``float`` anywhere (iteratively: no recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class _Inexact(enum.Enum):
+    """Marker a compiled converter returns for a value that must come from the source."""
+
+    INEXACT = "inexact"
+
+    def __repr__(self) -> str:
+        return "INEXACT"
+
+
+INEXACT_MARK: Final = _Inexact.INEXACT
+
+#: What a compiled converter returns: the text input form, NULL, UNAVAILABLE or INEXACT_MARK.
+Result: TypeAlias = Value | _Inexact
+Converter: TypeAlias = Callable[[Any], Result]
+
+_PLACEHOLDERS = (PLACEHOLDER, [PLACEHOLDER])
+_INT_KINDS = frozenset({"int8", "int16", "int32", "int64"})
+_BYTES_AS_HEX = frozenset({"BYTEA", *_TEXT_AS_BYTES})
+# Schema names :func:`convert` dispatches on before it looks at the type.
+_NAMED = frozenset(
+    {
+        "io.debezium.time.Date",
+        "io.debezium.time.Timestamp",
+        "io.debezium.time.MicroTimestamp",
+        "io.debezium.time.NanoTimestamp",
+        "io.debezium.time.Time",
+        "io.debezium.time.MicroTime",
+        "io.debezium.time.NanoTime",
+        "io.debezium.time.ZonedTimestamp",
+        "io.debezium.time.ZonedTime",
+        "io.debezium.time.IsoTimestamp",
+        "io.debezium.time.IsoDate",
+        "io.debezium.data.Bits",
+        "io.debezium.data.geometry.Point",
+        "io.debezium.data.VariableScaleDecimal",
+        "org.apache.kafka.connect.data.Decimal",
+    }
+)
+
+
+def compile_converter(schema: dict[str, Any], field: str) -> Converter:
+    """:func:`convert` specialised once per field schema, for the per-message hot path.
+
+    The schema of a topic repeats in every message, so the dispatch on name, type and
+    source type is done here once. Fast paths cover the value shapes that dominate real
+    streams; anything else goes through :func:`convert` itself, so results (and errors)
+    are the same value for value — the unit tests check this property.
+    """
+
+    def generic(value: Any) -> Result:
+        if _has_float(value):
+            raise NeedsExactText
+        converted = convert(value, schema, field)
+        return converted.value if converted.exact else INEXACT_MARK
+
+    try:
+        optional = bool(schema.get("optional", True))
+        stype = source_type(schema)
+        name = schema.get("name") or ""
+        kind = schema.get("type")
+    except Exception:  # a malformed schema: let convert raise, value by value
+        return generic
+    if not isinstance(name, str) or not isinstance(kind, str):
+        return generic
+    null: Result = INEXACT_MARK if not optional or name == "io.debezium.time.Date" else None
+
+    if stype in _ALWAYS_INEXACT or stype.startswith("_") or kind == "array":
+
+        def always_inexact(value: Any) -> Result:
+            if value is None:
+                return null
+            return UNAVAILABLE if value in _PLACEHOLDERS else INEXACT_MARK
+
+        return always_inexact
+    if name == "io.debezium.time.MicroTimestamp":
+
+        def micro_timestamp(value: Any) -> Result:
+            if type(value) is int:
+                return format_timestamp_us(value)
+            return null if value is None else generic(value)
+
+        return micro_timestamp
+    if name == "io.debezium.time.Date":
+
+        def date(value: Any) -> Result:
+            if type(value) is int:
+                return INEXACT_MARK if abs(value) > _SANE_DAYS else format_date(value)
+            return null if value is None else generic(value)
+
+        return date
+    if name in _NAMED:
+        return generic
+    if kind in _INT_KINDS:
+
+        def integer(value: Any) -> Result:
+            if type(value) is int:
+                return str(value)
+            return null if value is None else generic(value)
+
+        return integer
+    if (
+        kind == "string"
+        and stype not in _BYTES_AS_HEX
+        and not (name == "" and stype and stype not in _KNOWN_STRING_TYPES)
+    ):
+        if stype in ("NUMERIC", "DECIMAL"):
+
+            def numeric(value: Any) -> Result:
+                if type(value) is str and value != PLACEHOLDER:
+                    return _SPECIAL_NUMERIC.get(value, value)
+                return null if value is None else generic(value)
+
+            return numeric
+
+        def string(value: Any) -> Result:
+            if type(value) is str and value != PLACEHOLDER:
+                return value
+            return null if value is None else generic(value)
+
+        return string
+    if kind == "boolean":
+
+        def boolean(value: Any) -> Result:
+            if value is True:
+                return "t"
+            if value is False:
+                return "f"
+            return null if value is None else generic(value)
+
+        return boolean
+    return generic

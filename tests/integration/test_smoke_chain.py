@@ -57,6 +57,7 @@ def register_source_connector(
             "heartbeat_interval_ms": "1000",
             "max_batch_size": "2048",
             "max_queue_size": "8192",
+            "poll_interval_ms": "20",
         },
         extra,
     )

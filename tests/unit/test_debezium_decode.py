@@ -93,14 +93,14 @@ def _mutations(doc: Any) -> st.SearchStrategy[Any]:
     )
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=200), st.one_of(st.none(), st.binary(max_size=50)))
 def test_arbitrary_bytes_only_raise_decode_error(value: bytes, key: bytes | None) -> None:
     with contextlib.suppress(DecodeError):
         decode("dec.public.t", 0, 0, key, value, topic_prefix="dec")
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.data())
 def test_mutated_real_messages_only_raise_decode_error(data: st.DataObject) -> None:
     s = data.draw(st.sampled_from([m for m in SAMPLES if m["value"]]))

@@ -111,3 +111,17 @@ def test_wrong_json_types_name_the_field() -> None:
         convert(1.5, schema("string", None, "TEXT"), "after.n")
     with pytest.raises(DecodeError, match=r"after\.b"):
         convert("zz", schema("string", None, "BYTEA"), "after.b")
+
+
+@pytest.mark.parametrize(
+    ("micros", "text"),
+    [
+        (-62135596800000000, "0001-01-01 00:00:00.000000"),
+        (-62135596800000001, "0001-12-31 23:59:59.999999 BC"),
+        (253402300799999999, "9999-12-31 23:59:59.999999"),
+        (253402300800000000, "10000-01-01 00:00:00.000000"),
+        (-1, "1969-12-31 23:59:59.999999"),
+    ],
+)
+def test_timestamp_formatting_at_the_edges_of_the_fast_path(micros: int, text: str) -> None:
+    assert format_timestamp_us(micros) == text
