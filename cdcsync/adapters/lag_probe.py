@@ -152,6 +152,7 @@ class DirectionReport:
 class ProbeReport:
     at: float
     phase: str | None = None
+    last_freeze_seconds: float | None = None  # recorded by the last cutover or rollback
     snapshot: list[metrics.SnapshotTable] = field(default_factory=list)
     directions: list[DirectionReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -228,6 +229,19 @@ def read_stored(
         (str(t), int(p)): StoredOffset(str(t), int(p), int(o), _int(lsn), _float(ts))
         for t, p, o, lsn, ts in rows
     }
+
+
+def read_last_freeze(conn: psycopg.Connection[Any], schema: str, migration_id: str) -> float | None:
+    """The write freeze the last cutover or rollback recorded (the CLI ran it, not us)."""
+    if not _exists(conn, schema, "migration"):
+        return None
+    row = conn.execute(
+        sql.SQL(
+            "SELECT (data->>'last_freeze_seconds')::float8 FROM {} WHERE migration_id = %s"
+        ).format(sql.Identifier(schema, "migration")),
+        (migration_id,),
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 def read_phase(conn: psycopg.Connection[Any], schema: str, migration_id: str) -> str | None:
@@ -477,6 +491,9 @@ class LagProbe:
                 # The migration's state lives on the target, whichever way it streams.
                 state = self._db(self.settings.target_conninfo() or first.state_dsn, "target")
                 report.phase = read_phase(state, first.state_schema, first.migration_id)
+                report.last_freeze_seconds = read_last_freeze(
+                    state, first.state_schema, first.migration_id
+                )
                 report.snapshot = self._snapshot(state, first)
             except (psycopg.Error, CdcsyncError) as exc:
                 self._drop(first.state_dsn, "target")
@@ -577,6 +594,8 @@ class LagProbe:
         """Metrics (and the health state's connector states) from one report."""
         if report.phase is not None:
             metrics.set_phase(report.phase)
+        if report.last_freeze_seconds is not None:
+            metrics.record_cutover_freeze(report.last_freeze_seconds)
         if report.snapshot:
             metrics.set_snapshot_progress(report.snapshot)
         errors = list(report.errors)

@@ -273,7 +273,7 @@ class StreamLoop:
                     # fills whole batches, and the tail of a burst (a cutover's drain) is
                     # applied without lingering.
                     msgs = consumer.consume(
-                        num_messages=min(2000, policy.max_events - batch.events),
+                        num_messages=min(5000, policy.max_events - batch.events),
                         timeout=IDLE_LINGER_SECONDS,
                     )
                     self.status.heartbeat = time.monotonic()
@@ -290,14 +290,15 @@ class StreamLoop:
                         if msg.error():
                             self._kafka_error(msg)
                             continue
-                        event = self._decode(msg)
+                        # Each accessor call crosses into librdkafka: read them once.
+                        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                        value = msg.value()
+                        event = self._decode(msg, topic, partition, offset, value)
                         if event is None:
                             continue  # sent to the dead-letter topic
-                        batch.add(
-                            msg.topic(), msg.partition(), msg.offset(), len(msg.value() or b"")
-                        )
+                        batch.add(topic, partition, offset, len(value or b""))
                         events.append(event)
-                        raw[(msg.topic(), msg.partition(), msg.offset())] = msg
+                        raw[(topic, partition, offset)] = msg
                     if not msgs:
                         break
                 if batch.events:
@@ -368,25 +369,22 @@ class StreamLoop:
             raise HaltedError(f"Kafka: {err}")
         log.warning("Kafka: %s", err)
 
-    def _decode(self, msg: Any) -> Event | None:
-        key = (msg.topic(), msg.partition())
-        if key not in self.expected:
-            self.expected[key] = None
-        problem = gap(self.expected[key], self.low.get(key, 0), msg.offset())
-        if problem:
-            raise HaltedError(
-                f"offset gap on {msg.topic()}[{msg.partition()}]: {problem} — refusing to skip "
-                "(re-snapshot the migration)"
-            )
-        self.expected[key] = msg.offset() + 1
+    def _decode(
+        self, msg: Any, topic: str, partition: int, offset: int, value: bytes | None
+    ) -> Event | None:
+        key = (topic, partition)
+        expected = self.expected.get(key)
+        if expected != offset:  # the common case, in order, needs no further check
+            problem = gap(expected, self.low.get(key, 0), offset)
+            if problem:
+                raise HaltedError(
+                    f"offset gap on {topic}[{partition}]: {problem} — refusing to skip "
+                    "(re-snapshot the migration)"
+                )
+        self.expected[key] = offset + 1
         try:
             return decode(
-                msg.topic(),
-                msg.partition(),
-                msg.offset(),
-                msg.key(),
-                msg.value(),
-                topic_prefix=self.endpoint.topic_prefix,
+                topic, partition, offset, msg.key(), value, topic_prefix=self.endpoint.topic_prefix
             )
         except DecodeError as exc:
             where = _where(msg)

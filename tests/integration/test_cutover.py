@@ -10,7 +10,10 @@ exists exactly once on the primary.
 from __future__ import annotations
 
 import json
+import re
 import signal
+import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -46,6 +49,23 @@ def _prepare(source_dsn: str, env: dict[str, str], daemon: Daemon, connectors: l
         conn.execute(LEDGER_DDL)
     daemon.start()
     wait_streaming(env, daemon)
+
+
+def _wait_metric(daemon: Daemon, name: str, expected: float, timeout: float = 30) -> None:
+    """The daemon exports ``name`` with the value the cutover recorded (within 1 ms)."""
+    found = re.search(r"metrics and health on (http://[0-9.:]+)", daemon.log.read_text())
+    assert found, daemon.tail()
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{found.group(1)}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        line = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        seen = float(line.group(1)) if line else None
+        if seen is not None and abs(seen - expected) < 0.001:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{name} is {seen}, expected {expected}")
 
 
 def _equal(env: dict[str, str], daemon: Daemon) -> None:
@@ -87,6 +107,7 @@ def test_cutover_and_rollback_under_load(
     assert 0 < report["freeze_seconds"] < 10
     assert primary_file.read_text() == "target"
     assert not writable(source_dsn) and writable(target_dsn)
+    _wait_metric(daemon, "cdcsync_cutover_last_freeze_seconds", report["freeze_seconds"])
     out = load.wait()  # pgbench met the fence and stopped; the app moved on
     assert "CDC01" in out or "write-fenced" in out or "number of failed" in out, out
 
