@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdcsync.adapters.schema_follow import ColumnAdder, ColumnNotAddable
 from cdcsync.core.compaction import Delete, KeylessOp, TablePlan, Upsert, plan_batch
 from cdcsync.core.events import (
     UNAVAILABLE,
@@ -128,11 +129,13 @@ class PgApplier:
         tables: set[TableId] | None = None,
         unknown_table: str = "halt",
         fetch_source: SourceFetch | None = None,
+        add_columns: ColumnAdder | None = None,
     ) -> None:
         self.conn = conn
         self.allowed = tables
         self.unknown_table = unknown_table
         self.fetch_source = fetch_source
+        self.add_columns = add_columns  # None: a column the target lacks halts the applier
         self._meta: dict[TableId, TableMeta | None] = {}
 
     def prepare_session(self) -> None:
@@ -206,7 +209,7 @@ class PgApplier:
             for up in upserts:
                 by_columns.setdefault((tuple(up.row), up.partial), []).append(up)
             for (columns, partial), group in by_columns.items():
-                self._check_columns(meta, columns, group[0].position)
+                meta = self._check_columns(meta, columns, group[0].position)
                 self._upsert(meta, columns, partial, group)
                 stats.count(plan.table, "upsert", len(group))
                 stats.rows_written += len(group)
@@ -215,14 +218,26 @@ class PgApplier:
             stats.count(plan.table, op.op.name.lower())
             stats.rows_written += 1
 
-    def _check_columns(self, meta: TableMeta, columns: Sequence[str], at: Position) -> None:
+    def _check_columns(self, meta: TableMeta, columns: Sequence[str], at: Position) -> TableMeta:
+        """``meta`` if it has every column; else add them (when allowed) or halt."""
         missing = [c for c in columns if c not in meta.columns]
-        if missing:
+        if not missing:
+            return meta
+        if self.add_columns is None:
             raise ApplyError(
                 f"column(s) {', '.join(missing)} of {meta.table} are not on the target "
                 "(added on the source? set apply.add_new_columns or add them)",
                 at,
             )
+        try:
+            for statement in self.add_columns(self.conn, meta.table, missing):
+                self.conn.execute(statement)
+        except ColumnNotAddable as exc:
+            raise ApplyError(str(exc), at) from None
+        self._meta.pop(meta.table, None)
+        fresh = self.meta(meta.table)
+        assert fresh is not None
+        return fresh
 
     def _stage(
         self, meta: TableMeta, columns: Sequence[str], rows: list[tuple[Value, ...]]
@@ -337,6 +352,7 @@ class PgApplier:
             raise ApplyError(
                 f"{meta.table}: before image incomplete (REPLICA IDENTITY FULL?)", op.position
             )
+        meta = self._check_columns(meta, list(op.before), op.position)
         where, params = self._match_image(meta, op.before)
         one = sql.SQL("ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)").format(target, where)
         if op.op is Op.DELETE:
@@ -344,7 +360,7 @@ class PgApplier:
         else:
             assert op.after is not None
             after = {k: v for k, v in op.after.items() if v is not UNAVAILABLE}
-            self._check_columns(meta, list(after), op.position)
+            meta = self._check_columns(meta, list(after), op.position)
             sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in after)
             done = self.conn.execute(
                 sql.SQL("UPDATE {} SET {} WHERE {}").format(target, sets, one),
@@ -359,7 +375,7 @@ class PgApplier:
 
     def _insert_row(self, meta: TableMeta, row: dict[str, Value], at: Position) -> None:
         row = {k: v for k, v in row.items() if v is not UNAVAILABLE}
-        self._check_columns(meta, list(row), at)
+        meta = self._check_columns(meta, list(row), at)
         self.conn.execute(
             sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
                 sql.Identifier(meta.table.schema, meta.table.name),

@@ -30,6 +30,7 @@ import psycopg
 from cdcsync.adapters import offset_store
 from cdcsync.adapters.pg import connect
 from cdcsync.adapters.pg_apply import ApplyError, PgApplier, fetch_rows_by_key
+from cdcsync.adapters.schema_follow import column_adder
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import Settings
 from cdcsync.core.batching import Batch, BatchPolicy, gap
@@ -181,6 +182,7 @@ class StreamLoop:
             tables=self.endpoint.tables,
             unknown_table=self.settings.apply.unknown_table,
             fetch_source=fetch_rows_by_key(source),
+            add_columns=column_adder(source) if self.settings.apply.add_new_columns else None,
         )
         applier.prepare_session()
         conn.commit()
