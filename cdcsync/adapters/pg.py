@@ -19,3 +19,20 @@ def connect(dsn: str, side: str, **kwargs: Any) -> psycopg.Connection[Any]:
         raise PreconditionError(
             f"cannot connect to the {side} database ({redact_dsn(dsn)}): {reason}"
         ) from None
+
+
+def libpq_env(dsn: str) -> dict[str, str]:
+    """libpq environment variables for a DSN, for clients that take none (pgbench).
+
+    A password travels in the child's environment, never on its command line.
+    """
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    mapping = {
+        "host": "PGHOST",
+        "port": "PGPORT",
+        "user": "PGUSER",
+        "dbname": "PGDATABASE",
+        "passfile": "PGPASSFILE",
+        "password": "PGPASSWORD",
+    }
+    return {env: str(info[key]) for key, env in mapping.items() if key in info}

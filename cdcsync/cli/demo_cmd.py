@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdcsync.adapters.connect_rest import ConnectClient
+from cdcsync.adapters.pg import libpq_env
 from cdcsync.cli.main import app
 from cdcsync.config import Settings, load_settings, redact_dsn
 from cdcsync.errors import CdcsyncError
@@ -53,20 +54,6 @@ FENCE_SQLSTATE = "CDC01"
 
 
 # ---------------------------------------------------------------------- helpers
-def conninfo_env(dsn: str) -> dict[str, str]:
-    """libpq environment variables for a DSN (pgbench takes no conninfo string)."""
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    mapping = {
-        "host": "PGHOST",
-        "port": "PGPORT",
-        "user": "PGUSER",
-        "dbname": "PGDATABASE",
-        "passfile": "PGPASSFILE",
-        "password": "PGPASSWORD",
-    }
-    return {env: str(info[key]) for key, env in mapping.items() if key in info}
-
-
 class StepFailed(CdcsyncError):
     """A demo step did not do what it should; the message says which and why."""
 
@@ -98,7 +85,7 @@ class Pgbench:
                 "-T",
                 "900",
             ],
-            env={**os.environ, **conninfo_env(self.dsn)},
+            env={**os.environ, **libpq_env(self.dsn)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -472,7 +459,7 @@ class _Demo:
         t0 = time.monotonic()
         proc = subprocess.run(
             [str(PG_BIN / "pgbench"), "-i", "-q", "-s", "1", "--foreign-keys"],
-            env={**os.environ, **conninfo_env(self.conninfo["source"])},
+            env={**os.environ, **libpq_env(self.conninfo["source"])},
             capture_output=True,
             text=True,
             check=False,

@@ -145,62 +145,45 @@ def _show(doc: dict[str, Any], output: str) -> None:
         out.print(f"  verification: {doc['verification']}", highlight=False)
 
 
-@app.command()
-def cutover(
-    config: ConfigOpt = None,
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    resume: ResumeOpt = False,
-    verify: VerifyOpt = None,
-    freeze_timeout: FreezeOpt = None,
-    max_lag: LagOpt = None,
-    on_switch: HookOpt = None,
-    ack_dead_letters: AckOpt = False,
-    output: OutputOpt = "text",
-) -> None:
-    """Freeze the source, drain, verify, switch to the target, arm the way back."""
-    _switch(
-        "cutover",
-        config=config,
-        yes=yes,
-        dry_run=dry_run,
-        resume=resume,
-        verify=verify,
-        freeze_timeout=freeze_timeout,
-        max_lag=max_lag,
-        on_switch=on_switch,
-        ack_dead_letters=ack_dead_letters,
-        output=output,
-    )
+def _switch_command(kind: Literal["cutover", "rollback"], doc: str) -> None:
+    """Register ``cdcsync cutover`` or ``rollback``: one protocol, the same options."""
+
+    def command(
+        config: ConfigOpt = None,
+        yes: YesOpt = False,
+        dry_run: DryRunOpt = False,
+        resume: ResumeOpt = False,
+        verify: VerifyOpt = None,
+        freeze_timeout: FreezeOpt = None,
+        max_lag: LagOpt = None,
+        on_switch: HookOpt = None,
+        ack_dead_letters: AckOpt = False,
+        output: OutputOpt = "text",
+    ) -> None:
+        _switch(
+            kind,
+            config=config,
+            yes=yes,
+            dry_run=dry_run,
+            resume=resume,
+            verify=verify,
+            freeze_timeout=freeze_timeout,
+            max_lag=max_lag,
+            on_switch=on_switch,
+            ack_dead_letters=ack_dead_letters,
+            output=output,
+        )
+
+    command.__doc__ = doc
+    app.command(name=kind)(command)
 
 
-@app.command()
-def rollback(
-    config: ConfigOpt = None,
-    yes: YesOpt = False,
-    dry_run: DryRunOpt = False,
-    resume: ResumeOpt = False,
-    verify: VerifyOpt = None,
-    freeze_timeout: FreezeOpt = None,
-    max_lag: LagOpt = None,
-    on_switch: HookOpt = None,
-    ack_dead_letters: AckOpt = False,
-    output: OutputOpt = "text",
-) -> None:
-    """The cutover in the other direction: the old source becomes primary again."""
-    _switch(
-        "rollback",
-        config=config,
-        yes=yes,
-        dry_run=dry_run,
-        resume=resume,
-        verify=verify,
-        freeze_timeout=freeze_timeout,
-        max_lag=max_lag,
-        on_switch=on_switch,
-        ack_dead_letters=ack_dead_letters,
-        output=output,
-    )
+_switch_command(
+    "cutover", "Freeze the source, drain, verify, switch to the target, arm the way back."
+)
+_switch_command(
+    "rollback", "The cutover in the other direction: the old source becomes primary again."
+)
 
 
 @app.command()

@@ -514,24 +514,30 @@ class Switcher:
         )
         return {"frozen_at": frozen_at}
 
+    def _drain(
+        self, stream: Stream, target: psycopg.Connection[Any], timeout: float
+    ) -> drain_mod.DrainResult:
+        """Prove every change committed on ``stream``'s origin so far is applied."""
+        return drain_mod.drain(
+            source=self.db(stream.reads),
+            target=target,
+            connect=self.connect_client,
+            connector=stream.connector,
+            bootstrap=self.settings.kafka_bootstrap,
+            topic_prefix=stream.topic_prefix,
+            migration_id=self.settings.migration_id,
+            state_schema=self.settings.state_schema,
+            direction=stream.direction,
+            timeout=timeout,
+            poll=0.02,
+            consumer=self.offsets_consumer(),
+        )
+
     def step_drain(self) -> dict[str, Any] | None:
         stream = self.route.retiring
         target = connect(self.dsn[stream.applies], stream.applies)
         try:
-            result = drain_mod.drain(
-                source=self.db(stream.reads),
-                target=target,
-                connect=self.connect_client,
-                connector=stream.connector,
-                bootstrap=self.settings.kafka_bootstrap,
-                topic_prefix=stream.topic_prefix,
-                migration_id=self.settings.migration_id,
-                state_schema=self.settings.state_schema,
-                direction=stream.direction,
-                timeout=max(0.5, self.budget_left()),
-                poll=0.02,
-                consumer=self.offsets_consumer(),
-            )
+            result = self._drain(stream, target, max(0.5, self.budget_left()))
         finally:
             target.close()
         self.report.positions["marker_lsn"] = lsn_text(result.marker_lsn)
@@ -792,20 +798,7 @@ class Switcher:
                 left = deadline - time.monotonic()
                 started = time.monotonic()
                 try:
-                    drain_mod.drain(
-                        source=self.db(stream.reads),
-                        target=target,
-                        connect=self.connect_client,
-                        connector=stream.connector,
-                        bootstrap=self.settings.kafka_bootstrap,
-                        topic_prefix=stream.topic_prefix,
-                        migration_id=self.settings.migration_id,
-                        state_schema=self.settings.state_schema,
-                        direction=stream.direction,
-                        timeout=max(0.5, left),
-                        poll=0.02,
-                        consumer=self.offsets_consumer(),
-                    )
+                    self._drain(stream, target, max(0.5, left))
                 except AbortedSafely as exc:
                     return Gate("caught up", False, f"{exc} (limit --max-lag)")
                 took.append(time.monotonic() - started)

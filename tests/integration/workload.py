@@ -18,6 +18,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdcsync.adapters.pg import libpq_env
+
 TYPES_DDL = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS int CHECK (VALUE > 0);
@@ -162,16 +164,7 @@ def pg_bin(name: str) -> str:
 
 def conninfo_env(dsn: str) -> dict[str, str]:
     """libpq environment variables for a DSN (pgbench takes no conninfo string)."""
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    mapping = {
-        "host": "PGHOST",
-        "port": "PGPORT",
-        "user": "PGUSER",
-        "dbname": "PGDATABASE",
-        "passfile": "PGPASSFILE",
-        "password": "PGPASSWORD",
-    }
-    return {env: str(info[key]) for key, env in mapping.items() if key in info}
+    return libpq_env(dsn)
 
 
 def create_source(dsn: str, scale: int = 1) -> None:
