@@ -28,7 +28,7 @@ from cdcsync.core import switchover as sw
 from cdcsync.core.events import TableId
 from cdcsync.engine import switch
 from cdcsync.engine.stream import Endpoint
-from cdcsync.errors import HaltedError
+from cdcsync.errors import HaltedError, PreconditionError
 
 log = logging.getLogger("cdcsync.daemon")
 
@@ -105,38 +105,59 @@ class Supervisor:
         self._retry_at = 0.0
 
     def run(self) -> int:
-        conn = connect(self.settings.target_conninfo(), "target")
+        conn: psycopg.Connection[Any] | None = None
+        backoff = 1.0
         try:
-            return self._loop(conn)
+            while not self.stop.is_set():
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = connect(self.settings.target_conninfo(), "target")
+                    code = self._turn(conn)
+                    backoff = 1.0
+                except (psycopg.OperationalError, PreconditionError) as exc:
+                    # The target restarting, Connect unreachable: wait and try again; the
+                    # stream thread halts and is retried on its own.
+                    log.warning("supervisor: %s — retrying in %.0fs", _first_line(exc), backoff)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    self.heartbeat()
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                if code is not None:
+                    return code
+                time.sleep(self.poll)
+            return 0
         finally:
             if self.running is not None:
                 self.running.end()
-            conn.close()
+            if conn is not None:
+                conn.close()
 
-    def _loop(self, conn: psycopg.Connection[Any]) -> int:
-        while not self.stop.is_set():
-            self.heartbeat()
-            state, data = switch.read_state(conn, self.settings)
-            if state.phase == sw.Phase.FINALIZED:
-                log.info("migration %s is finalized: nothing to stream", self.settings.migration_id)
-                return 0
-            want = sw.applying(state)
-            current = self.running
-            if current is not None and current.error is not None:
+    def _turn(self, conn: psycopg.Connection[Any]) -> int | None:
+        """One look at the state; an exit code when the daemon should end."""
+        self.heartbeat()
+        state, data = switch.read_state(conn, self.settings)
+        if state.phase == sw.Phase.FINALIZED:
+            log.info("migration %s is finalized: nothing to stream", self.settings.migration_id)
+            return 0
+        want = sw.applying(state)
+        current = self.running
+        if current is not None and current.error is not None:
+            self._ended(conn, current)
+            current = None
+        if current is not None and current.direction != want:
+            log.info("state %s: stopping the %s stream", state.phase, current.direction)
+            current.end()
+            if current.error is not None:
                 self._ended(conn, current)
-                current = None
-            if current is not None and current.direction != want:
-                log.info("state %s: stopping the %s stream", state.phase, current.direction)
-                current.end()
-                if current.error is not None:
-                    self._ended(conn, current)
-                self.running = current = None
-            if current is not None and data.get("halted") and current.healthy_for() > 30:
-                _record_halt(conn, self.settings, None)  # the retry got past the cause
-            if current is None and want is not None and time.monotonic() >= self._retry_at:
-                self._start(conn, want, state, data)
-            time.sleep(self.poll)
-        return 0
+            self.running = current = None
+        if current is not None and data.get("halted") and current.healthy_for() > 30:
+            _record_halt(conn, self.settings, None)  # the retry got past the cause
+        if current is None and want is not None and time.monotonic() >= self._retry_at:
+            self._start(conn, want, state, data)
+        return None
 
     def _start(
         self,
@@ -173,6 +194,11 @@ class Supervisor:
         log.error("%s stream halted: %s — retrying in %.0fs", ended.direction, exc, retry)
         _record_halt(conn, self.settings, f"{ended.direction}: {exc}")
         self._retry_at = time.monotonic() + retry
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _record_halt(conn: psycopg.Connection[Any], settings: Settings, reason: str | None) -> None:
