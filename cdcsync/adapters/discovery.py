@@ -29,6 +29,7 @@ from cdcsync.core.findings import (
     TriggerFacts,
 )
 from cdcsync.snapshot import catalog
+from cdcsync.snapshot.preflight import can_set_replica_role
 
 DEFAULT_AUDIT_MAX_BYTES = 1024**3
 
@@ -84,7 +85,7 @@ def server_facts(conn: psycopg.Connection[Any]) -> ServerFacts:
         "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
     ).fetchone()
     s.superuser, s.replication = (bool(row[0]), bool(row[1])) if row else (False, False)
-    s.can_set_replica_role = s.superuser or _can_set_replica_role(conn)
+    s.can_set_replica_role = s.superuser or can_set_replica_role(conn)
     s.max_replication_slots = int(_one(conn, "SHOW max_replication_slots"))
     s.max_wal_senders = int(_one(conn, "SHOW max_wal_senders"))
     s.slots_used = int(_one(conn, "SELECT count(*) FROM pg_replication_slots"))
@@ -119,22 +120,6 @@ def server_facts(conn: psycopg.Connection[Any]) -> ServerFacts:
         str(r[0]) for r in conn.execute("SELECT name FROM pg_available_extensions")
     )
     return s
-
-
-def _can_set_replica_role(conn: psycopg.Connection[Any]) -> bool:
-    """Whether SET session_replication_role is allowed (tried in a savepoint, undone)."""
-    try:
-        with conn.transaction():
-            conn.execute("SET LOCAL session_replication_role = replica")
-            raise _Undo
-    except _Undo:
-        return True
-    except psycopg.errors.InsufficientPrivilege:
-        return False
-
-
-class _Undo(Exception):
-    pass
 
 
 def _try_replication(dsn: str) -> str | None:

@@ -767,7 +767,9 @@ class Switcher:
             into.rollback()
         finally:
             into.close()
-        ends = drain_mod.end_offsets(self.settings.kafka_bootstrap, stream.topic_prefix)
+        ends = drain_mod.end_offsets(
+            self.settings.kafka_bootstrap, stream.topic_prefix, consumer=self.offsets_consumer()
+        )
         behind = drain_mod.lagging(ends, stored)
         events = sum(behind.values())
         lag = oldest_unapplied_age(

@@ -260,7 +260,7 @@ def gather(
         "SELECT has_database_privilege(current_database(), 'CREATE')"
     ).fetchone()
     f.target_can_create = target_super or bool(can_create and can_create[0])
-    f.target_can_set_replica_role = target_super or _can_set_replica_role(target)
+    f.target_can_set_replica_role = target_super or can_set_replica_role(target)
     for info in infos:
         name = str(info.table)
         present = catalog.target_columns(target, info.table)
@@ -295,7 +295,8 @@ def _try_replication(dsn: str) -> str | None:
     return None
 
 
-def _can_set_replica_role(conn: psycopg.Connection[Any]) -> bool:
+def can_set_replica_role(conn: psycopg.Connection[Any]) -> bool:
+    """Whether SET session_replication_role is allowed (tried in a savepoint, undone)."""
     try:
         with conn.transaction():
             conn.execute("SET LOCAL session_replication_role = replica")

@@ -21,6 +21,8 @@ from cdcsync.adapters.connect_rest import ConnectClient
 from cdcsync.cli.demo_cmd import Ledger
 from cdcsync.config import load_settings
 from cdcsync.engine.drain import DrainResult, drain
+from tests.integration import workload
+from tests.integration.test_e2e_stream import Daemon, wait_streaming
 
 LEDGER_DDL = (
     "CREATE TABLE public.ledger (id bigserial PRIMARY KEY, token bigint NOT NULL, side text)"
@@ -109,3 +111,15 @@ def writable(dsn: str) -> bool:
         finally:
             conn.rollback()
     return True
+
+
+def start_migration(
+    source_dsn: str, env: dict[str, str], daemon: Daemon, connectors: list[str]
+) -> None:
+    """The workload's source plus the ledger, the daemon streaming it; both connectors cleaned."""
+    connectors.append(settings_for(env).reverse_connector_name)
+    workload.create_source(source_dsn, scale=1)
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        conn.execute(LEDGER_DDL)
+    daemon.start()
+    wait_streaming(env, daemon)

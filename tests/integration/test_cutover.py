@@ -22,16 +22,16 @@ import pytest
 from cdcsync.adapters.connect_rest import ConnectClient
 from tests.integration import workload
 from tests.integration.cutover_helpers import (
-    LEDGER_DDL,
     App,
     cdcsync,
     drain_direction,
     fenced_tables,
     hook,
     settings_for,
+    start_migration,
     writable,
 )
-from tests.integration.test_e2e_stream import Daemon, wait_streaming
+from tests.integration.test_e2e_stream import Daemon
 
 pytestmark = pytest.mark.stack
 
@@ -39,16 +39,6 @@ pytestmark = pytest.mark.stack
 # cores that PostgreSQL, Kafka, Connect and the applier share here, and then no chain
 # keeps up, so the cutover (rightly) refuses to freeze.
 RATE = 200
-
-
-def _prepare(source_dsn: str, env: dict[str, str], daemon: Daemon, connectors: list[str]) -> None:
-    settings = settings_for(env)
-    connectors.append(settings.reverse_connector_name)
-    workload.create_source(source_dsn, scale=1)
-    with psycopg.connect(source_dsn, autocommit=True) as conn:
-        conn.execute(LEDGER_DDL)
-    daemon.start()
-    wait_streaming(env, daemon)
 
 
 def _wait_metric(daemon: Daemon, name: str, expected: float, timeout: float = 30) -> None:
@@ -81,7 +71,7 @@ def test_cutover_and_rollback_under_load(
     connectors: list[str],
     tmp_path: Path,
 ) -> None:
-    _prepare(source_dsn, migration_env, daemon, connectors)
+    start_migration(source_dsn, migration_env, daemon, connectors)
     primary_file = tmp_path / "primary"
     app = App({"source": source_dsn, "target": target_dsn}, primary_file)
     app.start()
@@ -154,7 +144,7 @@ def test_refusals_change_nothing(
     daemon: Daemon,
     connectors: list[str],
 ) -> None:
-    _prepare(source_dsn, migration_env, daemon, connectors)
+    start_migration(source_dsn, migration_env, daemon, connectors)
     settings = settings_for(migration_env)
 
     # Without a terminal and without --yes nothing happens.
@@ -203,7 +193,7 @@ def test_finalize_removes_the_way_back(
     daemon: Daemon,
     connectors: list[str],
 ) -> None:
-    _prepare(source_dsn, migration_env, daemon, connectors)
+    start_migration(source_dsn, migration_env, daemon, connectors)
     settings = settings_for(migration_env)
     # Before a cutover there is nothing to make final.
     early = cdcsync(migration_env, "finalize", "--confirm", settings.migration_id)

@@ -18,15 +18,15 @@ import pytest
 from cdcsync.core import switchover as sw
 from tests.integration import workload
 from tests.integration.cutover_helpers import (
-    LEDGER_DDL,
     App,
     cdcsync,
     drain_direction,
     hook,
     settings_for,
+    start_migration,
     writable,
 )
-from tests.integration.test_e2e_stream import Daemon, wait_streaming
+from tests.integration.test_e2e_stream import Daemon
 
 pytestmark = pytest.mark.stack
 
@@ -64,12 +64,7 @@ def _run_matrix(
     tmp_path: Path,
 ) -> None:
     settings = settings_for(env)
-    connectors.append(settings.reverse_connector_name)
-    workload.create_source(source_dsn, scale=1)
-    with psycopg.connect(source_dsn, autocommit=True) as conn:
-        conn.execute(LEDGER_DDL)
-    daemon.start()
-    wait_streaming(env, daemon)
+    start_migration(source_dsn, env, daemon, connectors)
     primary_file = tmp_path / "primary"
     app = App({"source": source_dsn, "target": target_dsn}, primary_file)
     app.start()
