@@ -44,6 +44,9 @@ ENV_VARS: dict[str, str] = {
     "CDCSYNC_MIGRATION_ID": "name of this migration; prefixes slot, publication, topics",
     "CDCSYNC_INSTANCE_ID": "stable name of this daemon in its consumer group (default: host "
     "name); a restarted daemon with the same name takes its partitions back at once",
+    "CDCSYNC_TOPIC_PARTITIONS": "partitions of each table's topic, created before the "
+    "connector runs (default 1); more lets several daemons share a direction's stream. "
+    "Tables without a primary key always get one partition (their events carry no key)",
     "CDCSYNC_SCHEMAS": "comma-separated source schemas to migrate (default: all non-system)",
     "CDCSYNC_TABLES": "comma-separated schema.table list to migrate (default: all in SCHEMAS)",
     "CDCSYNC_WORKERS": "parallel copy workers (default: number of cores)",
@@ -143,6 +146,7 @@ class Settings(BaseSettings):
     connect_secrets_file: str | None = None
     migration_id: str = "cdcsync"
     instance_id: str = Field(default_factory=lambda: __import__("socket").gethostname())
+    topic_partitions: int = Field(default=1, ge=1, le=1024)
     # Comma-separated in the environment, not JSON: NoDecode leaves the split to us.
     schemas: Annotated[list[str], NoDecode] = Field(default_factory=list)
     tables: Annotated[list[str], NoDecode] = Field(default_factory=list)

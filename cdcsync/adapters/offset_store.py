@@ -28,6 +28,10 @@ class Progress:
     last_commit_ms: int | None
 
 
+class PartitionLost(HaltedError):
+    """Another process of the group moved this partition's offset: this batch is stale."""
+
+
 def load(
     conn: psycopg.Connection[Any], schema: str, migration_id: str, direction: str
 ) -> dict[tuple[str, int], int]:
@@ -90,7 +94,7 @@ def save(
                 ),
             )
         if done.rowcount != 1:
-            raise HaltedError(
+            raise PartitionLost(
                 f"offset of {p.topic}[{p.partition}] was moved by another process "
                 f"(expected {p.expected}); this process lost the partition"
             )

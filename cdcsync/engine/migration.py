@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
+
+import psycopg
 
 from cdcsync.adapters.pg import connect
 from cdcsync.config import Settings
@@ -16,6 +19,35 @@ from cdcsync.snapshot.runner import migration_state, run_snapshot
 log = logging.getLogger("cdcsync.run")
 
 
+def _needs_snapshot(target: psycopg.Connection[Any], settings: Settings) -> bool:
+    state = migration_state(target, settings)
+    return state is None or state[0] == "snapshot"
+
+
+def _lock_key(settings: Settings) -> str:
+    return f"cdcsync.snapshot:{settings.state_schema}:{settings.migration_id}"
+
+
+def _snapshot_turn(
+    target: psycopg.Connection[Any], settings: Settings, stop: threading.Event
+) -> bool:
+    """Hold the migration's snapshot lock (session-level, on ``target``); False if stopped."""
+    waited = False
+    while not stop.is_set():
+        row = target.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (_lock_key(settings),)
+        ).fetchone()
+        if row and row[0]:
+            return True
+        if not waited:
+            log.info(
+                "another process of migration %s is snapshotting: waiting", settings.migration_id
+            )
+            waited = True
+        stop.wait(1.0)
+    return False
+
+
 def run(settings: Settings, *, stop: threading.Event | None = None) -> int:
     settings.require("source_dsn", "target_dsn", "kafka_bootstrap", "connect_url")
     # Endpoints, lag probe and operator requests for the whole life of the process.
@@ -24,12 +56,23 @@ def run(settings: Settings, *, stop: threading.Event | None = None) -> int:
 
 
 def _run(settings: Settings, observer: Observability, stop: threading.Event | None) -> int:
-    with connect(settings.target_conninfo(), "target") as target:
-        state = migration_state(target, settings)
-    if state is None or state[0] in ("snapshot",):
-        with observer.snapshot_phase():
-            result = run_snapshot(settings, progress=observer.progress, limiter=observer.limiter)
-        log.info("snapshot done: %d rows in %.1fs", result.rows, result.timings.get("total", 0))
+    with connect(settings.target_conninfo(), "target", autocommit=True) as target:
+        if _needs_snapshot(target, settings):
+            # Several daemons of one migration start together: one snapshots, the others
+            # wait for it and then stream.
+            if not _snapshot_turn(target, settings, stop or threading.Event()):
+                return 0
+            if _needs_snapshot(target, settings):
+                with observer.snapshot_phase():
+                    result = run_snapshot(
+                        settings, progress=observer.progress, limiter=observer.limiter
+                    )
+                log.info(
+                    "snapshot done: %d rows in %.1fs", result.rows, result.timings.get("total", 0)
+                )
+            target.execute(
+                "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (_lock_key(settings),)
+            )
 
     # Forward before cutover, reverse after it: the supervisor follows the state.
     def make_loop(endpoint: Endpoint, loop_stop: threading.Event) -> Callable[[], int]:

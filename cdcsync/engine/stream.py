@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import psycopg
 
+from cdcsync import faultpoints
 from cdcsync.adapters import offset_store
 from cdcsync.adapters.pg import connect
 from cdcsync.adapters.pg_apply import ApplyError, PgApplier, fetch_rows_by_key
@@ -42,6 +43,7 @@ log = logging.getLogger("cdcsync.stream")
 
 #: A batch in progress is applied once the topics stay quiet this long.
 IDLE_LINGER_SECONDS = 0.02
+TRANSIENT_RETRIES = 5
 
 
 @dataclass
@@ -153,6 +155,7 @@ class StreamLoop:
         self.expected: dict[tuple[str, int], int | None] = {}
         self.low: dict[tuple[str, int], int] = {}
         self._consumer: Any = None
+        self._partition_counts: dict[str, int] = {}
         self._dlq: Any = None
         # Bumped on every assignment change: a batch gathered across one is dropped,
         # since the new assignment re-reads from the offsets stored in the target.
@@ -202,6 +205,9 @@ class StreamLoop:
                 # instead of after the session timeout.
                 "group.instance.id": self.settings.instance_id,
                 "session.timeout.ms": 15000,
+                # Spread every topic-partition over the group: most tables have one
+                # partition, which the range assignor would all give to one member.
+                "partition.assignment.strategy": "roundrobin",
                 "enable.partition.eof": False,
                 # Bound what librdkafka buffers, whatever the backlog.
                 "queued.max.messages.kbytes": 65536,
@@ -385,9 +391,17 @@ class StreamLoop:
                 )
         self.expected[key] = offset + 1
         try:
-            return decode(
+            event = decode(
                 topic, partition, offset, msg.key(), value, topic_prefix=self.endpoint.topic_prefix
             )
+            if isinstance(event, Truncate) and self._partitions(topic) > 1:
+                raise HaltedError(
+                    f"truncate of {event.table} at {_where(msg)}: its topic has "
+                    f"{self._partitions(topic)} partitions, so the truncate cannot be ordered "
+                    "against the table's other changes; re-snapshot the table, and give "
+                    "tables that are truncated a one-partition topic"
+                )
+            return event
         except DecodeError as exc:
             where = _where(msg)
             if self.settings.apply.on_error == "dead-letter":
@@ -395,6 +409,13 @@ class StreamLoop:
                 self.observer.dead_lettered(self.endpoint.direction, None, "decode")
                 return None
             raise HaltedError(f"cannot decode {where}: {exc}") from None
+
+    def _partitions(self, topic: str) -> int:
+        """How many partitions ``topic`` has (asked rarely: on truncates only)."""
+        if topic not in self._partition_counts:
+            meta = self._consumer.list_topics(topic, timeout=10)
+            self._partition_counts[topic] = len(meta.topics[topic].partitions)
+        return self._partition_counts[topic]
 
     def _dead_letter(self, msg: Any, reason: str) -> None:
         from confluent_kafka import Producer
@@ -428,6 +449,7 @@ class StreamLoop:
         raw: dict[tuple[str, int, int], Any],
     ) -> None:
         started = time.monotonic()
+        retries = 0
         while True:
             try:
                 with conn.transaction():
@@ -439,9 +461,25 @@ class StreamLoop:
                         self.endpoint.direction,
                         self._progress(batch, events),
                     )
+                    faultpoints.hit("batch-before-commit")
+                faultpoints.hit("batch-after-commit")
                 break
+            except offset_store.PartitionLost as exc:
+                # A rebalance gave the partition to another process, which applied past
+                # this batch: drop it (rolled back) and go on from the stored offsets.
+                applier.forget()
+                log.warning("%s: batch dropped, re-reading from the stored offsets", exc)
+                self._reseek(self._consumer, conn)
+                return
             except ApplyError as exc:
                 applier.forget()
+                if _transient(exc) and retries < TRANSIENT_RETRIES:
+                    # Deadlock or serialization failure against another writer (another
+                    # process of the group): the whole batch again, never a dead letter.
+                    retries += 1
+                    log.warning("batch retried (%d): %s", retries, exc)
+                    time.sleep(0.05 * retries)
+                    continue
                 pos = exc.position
                 msg = raw.get((pos.topic, pos.partition, pos.offset)) if pos else None
                 if self.settings.apply.on_error != "dead-letter" or msg is None:
@@ -487,6 +525,13 @@ class StreamLoop:
             lsn, ts = last.get(tp, (None, None))
             out.append(offset_store.Progress(tp[0], tp[1], first if first else None, nxt, lsn, ts))
         return out
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure that the same batch, applied again, may not meet."""
+    cause = exc.__cause__
+    state = getattr(cause, "sqlstate", None) or ""
+    return state.startswith("40") or state == "55P03"
 
 
 def _kafka_offsets(next_offsets: dict[tuple[str, int], int]) -> list[Any]:

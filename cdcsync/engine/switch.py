@@ -949,8 +949,28 @@ def arm_connector(settings: Settings, stream: Stream, tables: list[TableId], poi
         slot_name=stream.slot,
         publication_name=stream.publication,
     )
-    ensure_topics(settings.kafka_bootstrap, stream.topic_prefix, tables)
+    conninfo = settings.source_conninfo() if side == "source" else settings.target_conninfo()
+    with connect(conninfo, side, autocommit=True) as conn:
+        without_key = keyless(conn, tables)
+    ensure_topics(
+        settings.kafka_bootstrap,
+        stream.topic_prefix,
+        tables,
+        partitions=settings.topic_partitions,
+        keyless=without_key,
+    )
     ensure_connector(ConnectClient(settings.connect_url), stream.connector, config, point)
+
+
+def keyless(conn: psycopg.Connection[Any], tables: list[TableId]) -> set[TableId]:
+    """The tables without a primary key: Debezium sends their events with a null key."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
+        "AND (n.nspname, c.relname) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()
+    return {TableId(str(s), str(n)) for s, n in rows}
 
 
 def topic_names(prefix: str, tables: list[TableId]) -> list[str]:
@@ -961,30 +981,58 @@ def topic_names(prefix: str, tables: list[TableId]) -> list[str]:
     """
     from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX
 
-    def clean(name: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-    names = [f"{prefix}.{clean(t.schema)}.{clean(t.name)}" for t in tables]
+    names = [table_topic(prefix, t) for t in tables]
     return [*names, f"{prefix}.message", f"{HEARTBEAT_TOPIC_PREFIX}.{prefix}"]
 
 
-def ensure_topics(bootstrap: str, prefix: str, tables: list[TableId]) -> None:
+def table_topic(prefix: str, table: TableId) -> str:
+    """The topic Debezium writes ``table``'s changes to."""
+
+    def clean(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+    return f"{prefix}.{clean(table.schema)}.{clean(table.name)}"
+
+
+def ensure_topics(
+    bootstrap: str,
+    prefix: str,
+    tables: list[TableId],
+    *,
+    partitions: int = 1,
+    keyless: set[TableId] | None = None,
+) -> None:
     """Create a stream's topics before its connector runs.
 
     The applier subscribes by pattern; a topic that first appears later (the first
     logical message of a drain, a table's first change) rebalances the consumer group,
-    and one landing inside a cutover's freeze would stall its drain.
+    and one landing inside a cutover's freeze would stall its drain. Table topics get
+    ``partitions`` partitions — one row's history stays in one partition, since
+    Debezium keys by primary key — except tables without a key: their events carry a
+    null key, would be spread over partitions and applied out of order, so they get one.
     """
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
+    single = {table_topic(prefix, t) for t in keyless or ()}
+    count = {
+        table_topic(prefix, t): 1 if table_topic(prefix, t) in single else partitions
+        for t in tables
+    }
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = set(admin.list_topics(timeout=10).topics)
+    existing = admin.list_topics(timeout=10).topics
+    for topic in single & set(existing):
+        if len(existing[topic].partitions) > 1:
+            raise PreconditionError(
+                f"Kafka topic {topic} has {len(existing[topic].partitions)} partitions, but its "
+                "table has no primary key: its events (null keys) would be applied out of "
+                "order; delete the topic or give the table a primary key"
+            )
     wanted = [t for t in topic_names(prefix, tables) if t not in existing]
     if not wanted:
         return
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=-1, replication_factor=-1) for t in wanted]
+        [NewTopic(t, num_partitions=count.get(t, 1), replication_factor=-1) for t in wanted]
     )
     for topic, future in futures.items():
         try:
@@ -1000,6 +1048,7 @@ def ensure_connector(
     """Register ``name``; a connector left from an earlier slot forgets its offsets first."""
     current = client.status(name)
     registered_for = None
+    existing: dict[str, Any] = {}
     if current is not None:
         existing = client._call("GET", f"/connectors/{name}/config") or {}
         registered_for = existing.get("cdcsync.consistent.point")
@@ -1007,7 +1056,10 @@ def ensure_connector(
     if current is not None and registered_for != consistent_point:
         log.info("connector %s belongs to an earlier slot: resetting its offsets", name)
         client.reset_offsets(name)
-    client.put_config(name, config)
+    if current is None or _without_name(existing) != _without_name(config):
+        # The same config again would restart the connector for nothing (several daemons
+        # of one migration each make sure of it when they start).
+        client.put_config(name, config)
     # A stopped connector keeps its target state across the config update; resume it,
     # and again if the worker applied the two out of order.
     deadline = time.monotonic() + 120
@@ -1021,6 +1073,10 @@ def ensure_connector(
         except PreconditionError:
             if time.monotonic() > deadline:
                 raise
+
+
+def _without_name(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "name"}
 
 
 def skip_to_end(conn: psycopg.Connection[Any], settings: Settings, stream: Stream) -> None:

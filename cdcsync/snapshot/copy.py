@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
+from cdcsync import faultpoints
 from cdcsync.core.events import TableId
 from cdcsync.errors import CdcsyncError
 from cdcsync.snapshot.boundary import import_snapshot
@@ -299,6 +300,7 @@ def copy_chunk(
                 ).format(record),
                 (migration_id, chunk.table.schema, chunk.table.name, chunk.number, rows, nbytes),
             )
+            faultpoints.hit("snapshot-chunk-copied")
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name != "snapshot_chunk_pkey":
             raise
