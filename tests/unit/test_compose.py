@@ -79,7 +79,15 @@ def problems(doc: dict[str, Any], connect_dockerfile: str) -> list[str]:
     metrics_port = str(env.get("CDCSYNC_METRICS_ADDR", ":")).rsplit(":", 1)[-1]
     prom = yaml.safe_load((REPO / "grafana/prometheus/prometheus.yml").read_text())
     targets = [
-        t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+        t
+        for job in prom["scrape_configs"]
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+    ] + [
+        f"{name}:{sd['port']}"
+        for job in prom["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
     ]
     if f"cdcsync:{metrics_port}" not in targets:
         found.append(f"prometheus does not scrape cdcsync:{metrics_port}")
