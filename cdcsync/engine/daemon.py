@@ -27,6 +27,7 @@ from cdcsync.config import Settings
 from cdcsync.core import switchover as sw
 from cdcsync.core.events import TableId
 from cdcsync.engine import switch
+from cdcsync.engine.slot_watch import SlotWatch
 from cdcsync.engine.stream import Endpoint
 from cdcsync.errors import HaltedError, PreconditionError
 
@@ -103,6 +104,7 @@ class Supervisor:
         self.running: _Running | None = None
         self._ensured: set[str] = set()
         self._retry_at = 0.0
+        self.slot_watch = SlotWatch(settings)
 
     def run(self) -> int:
         conn: psycopg.Connection[Any] | None = None
@@ -134,6 +136,7 @@ class Supervisor:
                 self.running.end()
             if conn is not None:
                 conn.close()
+            self.slot_watch.close()
 
     def _turn(self, conn: psycopg.Connection[Any]) -> int | None:
         """One look at the state; an exit code when the daemon should end."""
@@ -144,6 +147,14 @@ class Supervisor:
             return 0
         want = sw.applying(state)
         current = self.running
+        if (
+            current is not None
+            and current.error is None
+            and not current.thread.is_alive()
+            and not current.stop.is_set()
+        ):
+            # Ended without an error it could hand over (stopped by nobody): retry it.
+            current.error = HaltedError(f"the {current.direction} stream ended unexpectedly")
         if current is not None and current.error is not None:
             self._ended(conn, current)
             current = None
@@ -153,6 +164,12 @@ class Supervisor:
             if current.error is not None:
                 self._ended(conn, current)
             self.running = current = None
+        starting = current is None and time.monotonic() >= self._retry_at
+        if self.slot_watch.lost(conn, state, data, want, force=starting) is not None:
+            if current is not None:  # nothing more is applied from a stream with a hole
+                current.end()
+                self.running = None
+            return None
         if current is not None and data.get("halted") and current.healthy_for() > 30:
             _record_halt(conn, self.settings, None)  # the retry got past the cause
         if current is None and want is not None and time.monotonic() >= self._retry_at:

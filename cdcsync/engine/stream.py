@@ -156,6 +156,7 @@ class StreamLoop:
         self.low: dict[tuple[str, int], int] = {}
         self._consumer: Any = None
         self._partition_counts: dict[str, int] = {}
+        self._callback_error: Exception | None = None
         self._dlq: Any = None
         # Bumped on every assignment change: a batch gathered across one is dropped,
         # since the new assignment re-reads from the offsets stored in the target.
@@ -218,6 +219,14 @@ class StreamLoop:
         )
 
         def on_assign(c: Any, partitions: list[Any]) -> None:
+            # An exception raised out of librdkafka's callback would end the thread
+            # without passing through ``run``: keep it for ``consume``'s caller.
+            try:
+                assign(c, partitions)
+            except Exception as exc:
+                self._callback_error = exc
+
+        def assign(c: Any, partitions: list[Any]) -> None:
             self._generation += 1
             self.expected.clear()
             conn.rollback()
@@ -230,7 +239,7 @@ class StreamLoop:
             conn.rollback()
             for tp in partitions:
                 key = (tp.topic, tp.partition)
-                low, _high = c.get_watermark_offsets(tp, timeout=10, cached=False)
+                low = _low_watermark(c, tp)
                 self.low[key] = int(low)
                 start = stored.get(key)
                 self.expected[key] = start
@@ -241,10 +250,13 @@ class StreamLoop:
             )
 
         def on_revoke(c: Any, partitions: list[Any]) -> None:
-            self._generation += 1
-            for tp in partitions:
-                self.expected.pop((tp.topic, tp.partition), None)
-            c.unassign()
+            try:
+                self._generation += 1
+                for tp in partitions:
+                    self.expected.pop((tp.topic, tp.partition), None)
+                c.unassign()
+            except Exception as exc:
+                self._callback_error = exc
 
         consumer.subscribe(
             [f"^{_re(prefix)}\\..*", f"^{_re(HEARTBEAT_TOPIC_PREFIX)}\\.{_re(prefix)}$"],
@@ -286,6 +298,9 @@ class StreamLoop:
                     )
                     self.status.heartbeat = time.monotonic()
                     observer.heartbeat()
+                    if self._callback_error is not None:
+                        exc, self._callback_error = self._callback_error, None
+                        raise HaltedError(f"partition assignment failed: {exc}") from exc
                     if self._generation != generation:
                         # The assignment changed under this batch: start over from the
                         # stored offsets (the messages just read included).
@@ -525,6 +540,22 @@ class StreamLoop:
             lsn, ts = last.get(tp, (None, None))
             out.append(offset_store.Progress(tp[0], tp[1], first if first else None, nxt, lsn, ts))
         return out
+
+
+def _low_watermark(consumer: Any, tp: Any, attempts: int = 10) -> int:
+    """The partition's first offset; retried while a new topic's leader is elected."""
+    from confluent_kafka import KafkaException
+
+    for attempt in range(attempts):
+        try:
+            low, _high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            return int(low)
+        except KafkaException as exc:
+            if attempt == attempts - 1:
+                raise
+            log.info("watermarks of %s[%d]: %s — retrying", tp.topic, tp.partition, exc)
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def _transient(exc: BaseException) -> bool:

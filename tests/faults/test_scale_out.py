@@ -24,7 +24,9 @@ from tests.integration import workload
 from tests.integration.cutover_helpers import (
     LEDGER_DDL,
     App,
+    cdcsync,
     drain_direction,
+    hook,
     settings_for,
 )
 from tests.integration.test_e2e_stream import Daemon, wait_streaming
@@ -52,8 +54,9 @@ def _last(log: Path) -> list[str]:
 
 
 @pytest.mark.scenario(
-    "one of three daemons killed (SIGKILL), topics of 3 partitions",
-    "survivors take its partitions from the stored offsets; nothing lost or doubled",
+    "one of three daemons killed (SIGKILL), topics of 3 partitions, then cutover",
+    "survivors take its partitions from the stored offsets; the cutover drains across "
+    "both; nothing lost or doubled",
 )
 def test_kill_one_of_three_daemons(
     fault_outcome: Outcome,
@@ -76,7 +79,8 @@ def test_kill_one_of_three_daemons(
         for d in daemons:
             d.start()
         wait_streaming(env, daemons[0])
-        app = App({"source": source_dsn, "target": target_dsn}, tmp_path / "primary")
+        primary = tmp_path / "primary"
+        app = App({"source": source_dsn, "target": target_dsn}, primary)
         app.start()
         load = workload.Load(source_dsn, seconds=40, seed=19, exclude=("truncate",), rate=200)
         load.start()
@@ -92,16 +96,32 @@ def test_kill_one_of_three_daemons(
         daemons[1].kill(signal.SIGKILL)
         load.wait()
         assert not load.errors, load.errors
-        app.stop()
         drain_direction(env, "forward", timeout=240)
+        taken = {p for d in (daemons[0], daemons[2]) for p in _last(d.log)}
+        assert set(victim) <= taken, f"{victim} not taken over: {taken}"
+
+        # A cutover drains across both surviving processes; both then apply the
+        # reverse stream while the ledger writes on the new primary.
+        cut = cdcsync(env, "cutover", "--yes", "--verify", "counts", "--on-switch", hook(primary))
+        assert cut.returncode == 0, cut.stderr + daemons[0].tail()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and app.sides.get("target", 0) < 50:
+            time.sleep(0.5)
+        app.stop()
+        assert app.sides.get("target", 0) >= 50, app.sides
+        drain_direction(env, "reverse", timeout=240)
         diff = workload.differences(source_dsn, target_dsn)
         assert not diff, f"{diff}\n{daemons[0].tail()}"
+        reverse_groups = [
+            d
+            for d in (daemons[0], daemons[2])
+            if "starting the reverse stream" in d.log.read_text()
+        ]
+        assert len(reverse_groups) == 2, "both survivors apply the reverse stream"
         counts = app.check(target_dsn)
         fault_outcome.acknowledged = counts["acknowledged"]
         fault_outcome.lost, fault_outcome.doubled = counts["lost"], counts["doubled"]
         assert counts["lost"] == counts["doubled"] == counts["unexpected"] == 0, counts
-        taken = {p for d in (daemons[0], daemons[2]) for p in _last(d.log)}
-        assert set(victim) <= taken, f"{victim} not taken over: {taken}"
         snapshotting = [d for d in daemons if "snapshot done" in d.log.read_text()]
         assert len(snapshotting) == 1, "exactly one process snapshots"
         for d in (daemons[0], daemons[2]):
