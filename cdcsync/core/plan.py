@@ -1,0 +1,445 @@
+"""The migration plan: which tables move, and how their columns land on the target.
+
+An operator reviews and commits the plan file (YAML), so every choice is visible and
+versioned. Per table: ``include``, a row ``filter`` (SQL over the source's columns),
+and per column a ``rename``, a ``cast`` to a target type, ``drop``, and value
+``transform``s; ``add`` lists new required columns with their default. Table names
+stay the same on both sides.
+
+Every mapping is carried out by PostgreSQL, the same way in each path, so the snapshot,
+the streaming apply and verification cannot disagree: a cast is the target type's input
+function applied to the source value's text (``value::text::type``, what COPY does), a
+transform is a built-in SQL function over the column, a filter is the publication's row
+filter on the source (so updates moving a row in or out of it arrive as inserts and
+deletes) and the snapshot's WHERE clause. The plan's text is operator input, like a
+configuration file: filters, defaults and types are SQL written by whoever commits the
+plan, checked by PostgreSQL when the snapshot starts, never built from replicated data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from psycopg import sql
+
+from cdcsync.core.events import Column, Event, RowChange, TableId
+from cdcsync.errors import ConfigError
+
+#: Built-in transforms without an argument, as SQL over the column.
+SIMPLE_TRANSFORMS = {"trim": "btrim", "lower": "lower", "upper": "upper"}
+_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .]*(\(\s*\d+(\s*,\s*\d+)?\s*\))?(\[\])*$")
+_SQL_TEXT = re.compile(r"^[^;]*$")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One step of a column's transform chain: ``trim``, ``lower``, ``upper``,
+    ``map`` (value → value, others unchanged) or ``default_if_null``."""
+
+    kind: str
+    mapping: tuple[tuple[str, str | None], ...] = ()
+    default: str | None = None
+
+    def sql(self, inner: sql.Composable) -> sql.Composable:
+        if self.kind in SIMPLE_TRANSFORMS:
+            return sql.SQL("{}({})").format(sql.SQL(SIMPLE_TRANSFORMS[self.kind]), inner)
+        if self.kind == "map":
+            whens = sql.SQL(" ").join(
+                sql.SQL("WHEN {} THEN {}").format(sql.Literal(k), sql.Literal(v))
+                for k, v in self.mapping
+            )
+            return sql.SQL("(CASE ({})::text {} ELSE ({})::text END)").format(inner, whens, inner)
+        return sql.SQL("coalesce({}, {})").format(inner, sql.Literal(self.default))
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """What becomes of one source column."""
+
+    name: str
+    rename: str | None = None
+    cast: str | None = None
+    drop: bool = False
+    transforms: tuple[Transform, ...] = ()
+
+    @property
+    def target(self) -> str | None:
+        return None if self.drop else (self.rename or self.name)
+
+
+@dataclass(frozen=True)
+class NewColumn:
+    """A column only the target has: required, filled by its default."""
+
+    name: str
+    type: str
+    default: str
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    table: TableId
+    include: bool = True
+    filter: str | None = None
+    columns: Mapping[str, ColumnPlan] = field(default_factory=dict)
+    add: tuple[NewColumn, ...] = ()
+
+    @property
+    def maps_columns(self) -> bool:
+        return bool(self.columns or self.add)
+
+    def target_of(self, column: str) -> str | None:
+        """The target column ``column`` lands in (None: dropped)."""
+        found = self.columns.get(column)
+        return column if found is None else found.target
+
+    def source_of(self, column: str) -> str | None:
+        """The source column a target column comes from (None: added on the target)."""
+        for c in self.columns.values():
+            if c.target == column:
+                return c.name
+        if column in self.columns or any(a.name == column for a in self.add):
+            return None
+        return column
+
+    def transformed(self) -> dict[str, tuple[Transform, ...]]:
+        """Target column → its transform chain, for the columns that have one."""
+        return {c.target: c.transforms for c in self.columns.values() if c.transforms and c.target}
+
+    def value_sql(self, column: str, ref: sql.Composable, *, cast: bool = True) -> sql.Composable:
+        """A source column's value as it lands on the target (``ref`` names it)."""
+        plan = self.columns.get(column)
+        out = ref
+        if plan is not None:
+            for step in plan.transforms:
+                out = step.sql(out)
+            if plan.cast and cast:
+                out = sql.SQL("({})::text::{}").format(out, sql.SQL(plan.cast))
+        return out
+
+    def ddl(self) -> list[sql.Composable]:
+        """Statements that turn the source-shaped table on the target into the planned one.
+
+        In an order that is valid from the copied shape: values first (transforms,
+        casts), then drops, renames and the new columns.
+        """
+        t = sql.Identifier(self.table.schema, self.table.name)
+        out: list[sql.Composable] = []
+        sets = [
+            sql.SQL("{} = {}").format(
+                sql.Identifier(c.name),
+                self.value_sql(c.name, sql.Identifier(c.name), cast=False),
+            )
+            for c in self.columns.values()
+            if c.transforms and not c.drop
+        ]
+        if sets:
+            out.append(sql.SQL("UPDATE {} SET {}").format(t, sql.SQL(", ").join(sets)))
+        for c in self.columns.values():
+            if c.cast and not c.drop:
+                out.append(
+                    sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING ({})::text::{}").format(
+                        t,
+                        sql.Identifier(c.name),
+                        sql.SQL(c.cast),
+                        sql.Identifier(c.name),
+                        sql.SQL(c.cast),
+                    )
+                )
+        for c in self.columns.values():
+            if c.drop:
+                out.append(
+                    sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(t, sql.Identifier(c.name))
+                )
+        for c in self.columns.values():
+            if c.rename and not c.drop:
+                out.append(
+                    sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+                        t, sql.Identifier(c.name), sql.Identifier(c.rename)
+                    )
+                )
+        for a in self.add:
+            out.append(
+                sql.SQL("ALTER TABLE {} ADD COLUMN {} {} NOT NULL DEFAULT {}").format(
+                    t, sql.Identifier(a.name), sql.SQL(a.type), sql.SQL(a.default)
+                )
+            )
+        return out
+
+    def map_event(self, event: RowChange) -> RowChange:
+        """A source row change in the target's column names (values as the source sent them)."""
+        if not self.columns:
+            return event
+        return dataclasses.replace(
+            event,
+            key=self._row(event.key),
+            before=None if event.before is None else self._row(event.before),
+            after=None if event.after is None else self._row(event.after),
+            columns=tuple(
+                dataclasses.replace(c, name=target)
+                for c in event.columns
+                if (target := self.target_of(c.name)) is not None
+            ),
+            inexact=frozenset(t for n in event.inexact if (t := self.target_of(n)) is not None),
+        )
+
+    def _row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, value in row.items():
+            target = self.target_of(name)
+            if target is not None:
+                out[target] = value
+        return out
+
+    def reverse_event(self, event: RowChange) -> RowChange:
+        """A target row change in the source's column names: renames undone, added
+        columns left out (dropped columns stay as the source has them). Transforms are
+        one-way: the value written back is the transformed one."""
+        if not self.maps_columns:
+            return event
+
+        def row(r: Mapping[str, Any]) -> dict[str, Any]:
+            return {s: v for n, v in r.items() if (s := self.source_of(n)) is not None}
+
+        cols: list[Column] = [
+            dataclasses.replace(c, name=s) for c in event.columns if (s := self.source_of(c.name))
+        ]
+        return dataclasses.replace(
+            event,
+            key=row(event.key),
+            before=None if event.before is None else row(event.before),
+            after=None if event.after is None else row(event.after),
+            columns=tuple(cols),
+            inexact=frozenset(s for n in event.inexact if (s := self.source_of(n)) is not None),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole plan; an empty plan migrates every table as it is."""
+
+    tables: Mapping[TableId, TablePlan] = field(default_factory=dict)
+    copy_order: tuple[TableId, ...] = ()
+    parallelism: int | None = None
+    verify_level: str | None = None
+    cutover: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""  # the canonical text the fingerprint is computed from
+
+    def table(self, table: TableId) -> TablePlan:
+        return self.tables.get(table) or TablePlan(table)
+
+    def included(self, tables: list[TableId]) -> list[TableId]:
+        return [t for t in tables if self.table(t).include]
+
+    def filters(self) -> dict[TableId, str]:
+        return {t: p.filter for t, p in self.tables.items() if p.include and p.filter}
+
+    @property
+    def maps_columns(self) -> bool:
+        return any(p.maps_columns for p in self.tables.values() if p.include)
+
+    def fingerprint(self) -> str:
+        """Changes with anything that changes what lands on the target."""
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+    def map_event(self, event: Event) -> Event:
+        if isinstance(event, RowChange) and event.table in self.tables:
+            return self.tables[event.table].map_event(event)
+        return event
+
+    def reverse_event(self, event: Event) -> Event:
+        if isinstance(event, RowChange) and event.table in self.tables:
+            return self.tables[event.table].reverse_event(event)
+        return event
+
+
+EMPTY = Plan()
+
+
+def load(path: Path) -> Plan:
+    """Read and check a plan file; errors name the file and the key."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"plan {path}: cannot read it: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"plan {path}: not valid YAML: {exc}") from None
+    return parse(raw, str(path))
+
+
+def parse(raw: Any, where: str = "plan") -> Plan:
+    """A plan from its parsed YAML (a mapping); :class:`ConfigError` names what is wrong."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the plan must be a mapping")
+    _only(raw, {"version", "tables", "copy_order", "parallelism", "verify", "cutover"}, where)
+    if raw.get("version", 1) != 1:
+        raise ConfigError(f"{where}: version {raw.get('version')!r} is not supported (1 is)")
+    tables: dict[TableId, TablePlan] = {}
+    for name, body in (raw.get("tables") or {}).items():
+        table = _table_id(name, f"{where}: tables")
+        tables[table] = _table(table, body or {}, f"{where}: tables.{name}")
+    order = tuple(_table_id(n, f"{where}: copy_order") for n in raw.get("copy_order") or [])
+    parallelism = raw.get("parallelism")
+    if parallelism is not None and (not isinstance(parallelism, int) or parallelism < 1):
+        raise ConfigError(f"{where}: parallelism must be a positive integer")
+    level = raw.get("verify")
+    if level is not None and level not in ("none", "counts", "checksum", "rows"):
+        raise ConfigError(f"{where}: verify must be none, counts, checksum or rows")
+    cutover = raw.get("cutover") or {}
+    if not isinstance(cutover, dict):
+        raise ConfigError(f"{where}: cutover must be a mapping")
+    _only(cutover, {"max_lag", "freeze_timeout"}, f"{where}: cutover")
+    canonical = json.dumps(raw, sort_keys=True, default=str)
+    return Plan(tables, order, parallelism, level, cutover, canonical)
+
+
+def _only(raw: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} (known: {sorted(allowed)})")
+
+
+def _table_id(name: Any, where: str) -> TableId:
+    if not isinstance(name, str) or name.count(".") != 1:
+        raise ConfigError(f"{where}: {name!r} must be schema.table")
+    schema, table = name.split(".")
+    return TableId(schema, table)
+
+
+def _sql_text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip() or not _SQL_TEXT.match(value):
+        raise ConfigError(f"{where}: must be one SQL expression (no ';')")
+    return value.strip()
+
+
+def _type(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _TYPE.match(value.strip()):
+        raise ConfigError(f"{where}: {value!r} is not a type name")
+    return value.strip()
+
+
+def _table(table: TableId, body: Any, where: str) -> TablePlan:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    _only(body, {"include", "filter", "columns", "add"}, where)
+    include = body.get("include", True)
+    if not isinstance(include, bool):
+        raise ConfigError(f"{where}.include: must be true or false")
+    flt = body.get("filter")
+    columns: dict[str, ColumnPlan] = {}
+    for name, spec in (body.get("columns") or {}).items():
+        col = _column(str(name), spec or {}, f"{where}.columns.{name}")
+        if col != ColumnPlan(str(name)):
+            columns[str(name)] = col
+    add = []
+    for name, spec in (body.get("add") or {}).items():
+        w = f"{where}.add.{name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{w}: must be a mapping with type and default")
+        _only(spec, {"type", "default"}, w)
+        if "default" not in spec:
+            raise ConfigError(f"{w}: a new required column needs a default")
+        default = _sql_text(str(spec["default"]), f"{w}.default")
+        add.append(NewColumn(str(name), _type(spec.get("type"), f"{w}.type"), default))
+    targets = [c.target for c in columns.values() if c.target]
+    names = [a.name for a in add]
+    clash = {n for n in targets + names if (targets + names).count(n) > 1}
+    renamed_onto = {c.rename for c in columns.values() if c.rename} & (
+        set(names) | {n for n in columns if columns[n].target == n}
+    )
+    if clash or renamed_onto:
+        raise ConfigError(f"{where}: two columns would land in {sorted(clash | renamed_onto)}")
+    return TablePlan(
+        table,
+        include,
+        None if flt is None else _sql_text(flt, f"{where}.filter"),
+        columns,
+        tuple(add),
+    )
+
+
+def _column(name: str, spec: Any, where: str) -> ColumnPlan:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    _only(spec, {"rename", "cast", "drop", "transform"}, where)
+    drop = spec.get("drop", False)
+    if not isinstance(drop, bool):
+        raise ConfigError(f"{where}.drop: must be true or false")
+    rename = spec.get("rename")
+    if rename is not None and (not isinstance(rename, str) or not rename):
+        raise ConfigError(f"{where}.rename: must be a column name")
+    cast = None if spec.get("cast") is None else _type(spec["cast"], f"{where}.cast")
+    steps = spec.get("transform") or []
+    if not isinstance(steps, list):
+        steps = [steps]
+    transforms = tuple(_transform(s, f"{where}.transform[{i}]") for i, s in enumerate(steps))
+    if drop and (rename or cast or transforms):
+        raise ConfigError(f"{where}: a dropped column cannot also be renamed, cast or transformed")
+    if cast and transforms:
+        raise ConfigError(f"{where}: cast or transform a column, not both")
+    return ColumnPlan(name, rename if rename != name else None, cast, drop, transforms)
+
+
+def _transform(step: Any, where: str) -> Transform:
+    if isinstance(step, str):
+        if step in SIMPLE_TRANSFORMS:
+            return Transform(step)
+        raise ConfigError(
+            f"{where}: unknown transform {step!r} (trim, lower, upper, map, default_if_null)"
+        )
+    if isinstance(step, dict) and len(step) == 1:
+        ((kind, arg),) = step.items()
+        if kind == "map" and isinstance(arg, dict) and arg:
+            return Transform(
+                "map",
+                mapping=tuple(
+                    (str(k), None if v is None else str(v))
+                    for k, v in sorted(arg.items(), key=lambda kv: str(kv[0]))
+                ),
+            )
+        if kind == "default_if_null" and arg is not None:
+            return Transform("default_if_null", default=str(arg))
+    raise ConfigError(
+        f"{where}: {step!r} is not a transform "
+        "(trim, lower, upper, {map: {…}}, {default_if_null: …})"
+    )
+
+
+def validate_against(
+    plan: Plan, columns: Mapping[TableId, tuple[str, ...]], keys: Mapping[TableId, tuple[str, ...]]
+) -> list[str]:
+    """What in ``plan`` does not fit the source's tables: each problem as a sentence."""
+    problems = []
+    for table, tp in plan.tables.items():
+        if table not in columns:
+            problems.append(f"plan names {table}, which is not a migrated table")
+            continue
+        have = set(columns[table])
+        key = set(keys.get(table, ()))
+        for c in tp.columns.values():
+            if c.name not in have:
+                problems.append(f"plan: {table} has no column {c.name}")
+            elif c.name in key and (c.drop or c.transforms or c.cast):
+                problems.append(
+                    f"plan: {table}.{c.name} is part of the primary key: it can be renamed, "
+                    "not dropped, cast or transformed"
+                )
+        if tp.columns and not key and any(c.transforms or c.cast for c in tp.columns.values()):
+            problems.append(
+                f"plan: {table} has no primary key: its rows are matched by their full image, "
+                "so its columns cannot be cast or transformed"
+            )
+        for a in tp.add:
+            if a.name in have and tp.target_of(a.name) == a.name:
+                problems.append(f"plan: {table} already has a column {a.name}")
+    return problems
