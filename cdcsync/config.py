@@ -10,13 +10,22 @@ way a DSN is ever shown.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -29,6 +38,9 @@ from cdcsync.errors import ConfigError
 
 ENV_PREFIX = "CDCSYNC_"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: Every name derived from the migration id must fit PostgreSQL's 63 bytes; the longest
+#: is the reverse slot, ``<id>_rev_slot``.
+MIGRATION_ID_MAX = 63 - len("_rev_slot")
 
 #: Every environment variable cdcsync reads, with what it means (README and tests use this).
 ENV_VARS: dict[str, str] = {
@@ -44,6 +56,8 @@ ENV_VARS: dict[str, str] = {
     "CDCSYNC_MIGRATION_ID": "name of this migration; prefixes slot, publication, topics",
     "CDCSYNC_INSTANCE_ID": "stable name of this daemon in its consumer group (default: host "
     "name); a restarted daemon with the same name takes its partitions back at once",
+    "CDCSYNC_PLAN": "path of the migration plan (YAML, written by cdcsync plan): tables, "
+    "row filters, column renames, casts, drops, transforms, new required columns",
     "CDCSYNC_TOPIC_PARTITIONS": "partitions of each table's topic, created before the "
     "connector runs (default 1); more lets several daemons share a direction's stream. "
     "Tables without a primary key always get one partition (their events carry no key)",
@@ -127,6 +141,30 @@ class PgbouncerSettings(BaseModel):
     database: str
 
 
+class KafkaSettings(BaseModel):
+    """How change events are encoded on Kafka.
+
+    ``json``: Connect's JSON converter with the schema in every message. ``avro``: the
+    Apicurio Avro converter, schemas in the registry at ``schema_registry_url`` (its root
+    URL, e.g. ``http://127.0.0.1:8080``): Connect registers them through the registry's
+    own API, cdcsync reads them by id through its Confluent-compatible API.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["json", "avro"] = "json"
+    schema_registry_url: str | None = None
+
+    @model_validator(mode="after")
+    def _registry_for_avro(self) -> KafkaSettings:
+        if self.format == "avro" and not self.schema_registry_url:
+            raise ValueError(
+                "kafka.format is avro but kafka.schema_registry_url is not set "
+                "(CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL)"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a cdcsync command needs to know."""
 
@@ -147,6 +185,7 @@ class Settings(BaseSettings):
     migration_id: str = "cdcsync"
     instance_id: str = Field(default_factory=lambda: __import__("socket").gethostname())
     topic_partitions: int = Field(default=1, ge=1, le=1024)
+    plan: Path | None = None
     # Comma-separated in the environment, not JSON: NoDecode leaves the split to us.
     schemas: Annotated[list[str], NoDecode] = Field(default_factory=list)
     tables: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -160,6 +199,7 @@ class Settings(BaseSettings):
     health: HealthSettings = Field(default_factory=HealthSettings)
     cutover: CutoverSettings = Field(default_factory=CutoverSettings)
     pgbouncer: PgbouncerSettings | None = None
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     @field_validator("schemas", "tables", mode="before")
     @classmethod
@@ -170,12 +210,33 @@ class Settings(BaseSettings):
 
     @field_validator("migration_id", "state_schema")
     @classmethod
-    def _identifier(cls, value: str) -> str:
-        if not _IDENT.match(value):
+    def _identifier(cls, value: str, info: ValidationInfo) -> str:
+        longest = MIGRATION_ID_MAX if info.field_name == "migration_id" else 63
+        if not _IDENT.match(value) or len(value) > longest:
+            why = (
+                f" (slot, publication and topic names are derived from it; max {longest})"
+                if info.field_name == "migration_id"
+                else f" (max {longest})"
+            )
             raise ValueError(
-                f"{value!r} must be a lower-case identifier (letters, digits, _; max 63)"
+                f"{value!r} must be a lower-case identifier: letters, digits and _, "
+                f"starting with a letter or _{why}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _dead_letters_outside_prefixes(self) -> Settings:
+        # The applier subscribes to ``<prefix>.*``: a dead-letter topic there would be
+        # consumed back as if it were a table's change.
+        topic = self.apply.dead_letter_topic
+        for prefix in (self.topic_prefix, self.reverse_topic_prefix):
+            if topic and topic.startswith(f"{prefix}."):
+                raise ValueError(
+                    f"apply.dead_letter_topic {topic!r} is under the topic prefix {prefix!r}.: "
+                    "the applier would consume its own dead letters (use e.g. "
+                    f"{self.topic_prefix}-dlq)"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -285,7 +346,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         except OSError as exc:
             raise ConfigError(f"configuration file {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"configuration file {path} is not valid YAML{at}: {what} (cdcsync reads YAML "
+                "only: `key: value`, nested keys indented)"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -298,10 +365,34 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             settings = _Overridden(**{**settings.model_dump(), **given})
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
     except SettingsError as exc:
         raise ConfigError(f"invalid environment variable: {exc}") from None
     return settings
+
+
+def _problem(err: Any) -> str:
+    """One validation error: the key, where it came from, what is wrong; never its value."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "configuration"
+    variable = ENV_PREFIX + "__".join(loc).upper()
+    origin = f" (from {variable})" if loc and variable in os.environ else ""
+    if err["type"] == "extra_forbidden":
+        hint = _closest(loc)
+        return f"{key}: unknown setting{origin}" + (f" (did you mean {hint}?)" if hint else "")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{key}{origin}: {msg}" if loc else msg
+
+
+def _closest(loc: list[str]) -> str | None:
+    """The known setting nearest to a misspelt one, as a dotted key."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        inner = getattr(field, "annotation", None) if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return None
+        model = inner
+    found = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([*loc[:-1], found[0]]) if found else None

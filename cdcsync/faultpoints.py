@@ -9,10 +9,10 @@ COMMIT, say — is what proves that state and data commit together.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
-import threading
 
 from cdcsync.errors import ConfigError
 
@@ -22,7 +22,9 @@ ENV = "CDCSYNC_FAULT_AT"
 SIGNAL_ENV = "CDCSYNC_FAULT_SIGNAL"
 
 #: Every point placed in the code (a name outside this set is a typo in a test).
-POINTS = frozenset({"snapshot-chunk-copied", "batch-before-commit", "batch-after-commit"})
+POINTS = frozenset(
+    {"snapshot-chunk-copied", "batch-before-commit", "batch-after-commit", "verify-range-recorded"}
+)
 
 
 def parse(spec: str | None, signal_name: str | None = None) -> tuple[str, int, int] | None:
@@ -47,18 +49,15 @@ def parse(spec: str | None, signal_name: str | None = None) -> tuple[str, int, i
 
 
 _armed = parse(os.environ.get(ENV), os.environ.get(SIGNAL_ENV))
-_hits = 0
-_lock = threading.Lock()
+_hits = itertools.count(1)  # next() on it is atomic: threads (copy workers) share it
 
 
 def hit(name: str) -> None:
     """Pass point ``name``; the armed point's N-th pass signals this process."""
     if _armed is None or _armed[0] != name:
         return
-    global _hits
-    with _lock:
-        _hits += 1
-        if _hits != _armed[1]:
-            return
-    log.warning("fault injection: signal %d at %s (hit %d)", _armed[2], name, _hits)
+    nth = next(_hits)
+    if nth != _armed[1]:
+        return
+    log.warning("fault injection: signal %d at %s (hit %d)", _armed[2], name, nth)
     os.kill(os.getpid(), _armed[2])

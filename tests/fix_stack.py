@@ -76,6 +76,19 @@ class StackHandle:
         self.ensure("connect")
         return str(self.local.connect_secrets)
 
+    @property
+    def registry_url(self) -> str:
+        """The schema registry's root URL; started on first use only (Avro tests)."""
+        if self.local is None:
+            url = self.external.get("CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL")
+            if not url:
+                raise pytest.UsageError(
+                    "Avro tests need CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL with an external stack"
+                )
+            return url
+        self.ensure("registry")
+        return self.local.registry_url()
+
     def env(self) -> dict[str, str]:
         """The four contract variables for this stack (starts everything)."""
         return {
@@ -111,7 +124,11 @@ def stack() -> Iterator[StackHandle]:
             None,
             {
                 v: os.environ[v]
-                for v in (*_CONTRACT, "CDCSYNC_CONNECT_SECRETS_FILE")
+                for v in (
+                    *_CONTRACT,
+                    "CDCSYNC_CONNECT_SECRETS_FILE",
+                    "CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL",
+                )
                 if v in os.environ
             },
         )
@@ -204,6 +221,12 @@ def connect_url(stack: StackHandle) -> str:
 def connect_secrets_file(stack: StackHandle) -> str:
     """Path of the properties file holding DB passwords on the Connect worker."""
     return stack.connect_secrets_file
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url(stack: StackHandle) -> str:
+    """Root URL of the stack's schema registry (Apicurio; started lazily)."""
+    return stack.registry_url
 
 
 @pytest.fixture

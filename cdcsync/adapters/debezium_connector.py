@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 
 from cdcsync.config import Settings
-from cdcsync.core.connector_config import render, table_include_list
+from cdcsync.core.connector_config import converter_settings, render, table_include_list
 from cdcsync.core.events import TableId
 from cdcsync.errors import ConfigError
 
@@ -66,4 +66,5 @@ def source_connector_config(
         "poll_interval_ms": str(settings.connector.poll_interval_ms),
     }
     template = (TEMPLATES / "postgres-source.json").read_text(encoding="utf-8")
-    return render(template, values, {**fidelity(), **settings.connector.extra})
+    converters = converter_settings(settings.kafka.format, settings.kafka.schema_registry_url)
+    return render(template, values, {**fidelity(), **converters, **settings.connector.extra})

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,10 @@ def read_meta(conn: psycopg.Connection[Any], table: TableId) -> TableMeta | None
     )
 
 
+#: A value's SQL on the target from the reference to its staged column.
+ValueSql = Callable[[sql.Composable], sql.Composable]
+
+
 class PgApplier:
     """Applies batches to one database; reads its catalog once per table."""
 
@@ -130,12 +134,15 @@ class PgApplier:
         unknown_table: str = "halt",
         fetch_source: SourceFetch | None = None,
         add_columns: ColumnAdder | None = None,
+        transforms: Mapping[TableId, Mapping[str, ValueSql]] | None = None,
     ) -> None:
         self.conn = conn
         self.allowed = tables
         self.unknown_table = unknown_table
         self.fetch_source = fetch_source
         self.add_columns = add_columns  # None: a column the target lacks halts the applier
+        # The plan's value transforms: SQL over the staged value, the same as the snapshot's.
+        self.transforms = transforms or {}
         self._meta: dict[TableId, TableMeta | None] = {}
 
     def prepare_session(self) -> None:
@@ -278,6 +285,12 @@ class PgApplier:
         stage = self._stage(meta, columns, rows)
         target = sql.Identifier(meta.table.schema, meta.table.name)
         cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+        planned = self.transforms.get(meta.table, {})
+
+        def value(c: str) -> sql.Composable:
+            ref = sql.SQL("s.{}").format(sql.Identifier(c))
+            return planned[c](ref) if c in planned else ref
+
         non_key = [c for c in columns if c not in meta.key]
         if partial:
             # Unchanged TOASTed columns are left out: the row must already be there.
@@ -286,8 +299,7 @@ class PgApplier:
                     sql.SQL("UPDATE {} t SET {} FROM {} s WHERE {}").format(
                         target,
                         sql.SQL(", ").join(
-                            sql.SQL("{} = s.{}").format(sql.Identifier(c), sql.Identifier(c))
-                            for c in non_key
+                            sql.SQL("{} = {}").format(sql.Identifier(c), value(c)) for c in non_key
                         ),
                         stage,
                         _match(meta.key),
@@ -311,8 +323,8 @@ class PgApplier:
         else:
             action = sql.SQL("DO NOTHING")
         self.conn.execute(
-            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
-                target, cols, cols, stage, conflict, action
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} s ON CONFLICT ({}) {}").format(
+                target, cols, sql.SQL(", ").join(value(c) for c in columns), stage, conflict, action
             )
         )
 
@@ -461,9 +473,25 @@ def _describe(event: Event, exc: psycopg.Error) -> str:
 
 
 def fetch_rows_by_key(source: psycopg.Connection[Any]) -> SourceFetch:
-    """A :data:`SourceFetch` reading current rows (as text) from the source."""
+    """A :data:`SourceFetch` reading current rows (as text) from the source.
+
+    A lost source connection is no fault of the event being applied: it halts the
+    stream (retried from the stored offsets), never an :class:`ApplyError`, which
+    would dead-letter a valid event under ``apply.on_error=dead-letter``.
+    """
 
     def fetch(
+        table: TableId, key: tuple[str, ...], keys: list[tuple[Value, ...]]
+    ) -> dict[tuple[Value, ...], dict[str, Value]]:
+        try:
+            return read(table, key, keys)
+        except psycopg.OperationalError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HaltedError(
+                f"source connection lost while reading {table} by key: {detail}"
+            ) from exc
+
+    def read(
         table: TableId, key: tuple[str, ...], keys: list[tuple[Value, ...]]
     ) -> dict[tuple[Value, ...], dict[str, Value]]:
         meta = read_meta(source, table)

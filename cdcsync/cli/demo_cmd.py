@@ -266,6 +266,15 @@ class Daemon:
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit code once the daemon ends by itself (None if still running)."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def metrics_addr(self) -> str | None:
         found = re.search(r"metrics and health on http://([^\s/]+)", self.text())
         return found.group(1) if found else None
@@ -303,7 +312,11 @@ def demo(
         float, typer.Option("--streaming-seconds", min=1, help="seconds of streaming under load")
     ] = 8.0,
 ) -> None:
-    """A full migration of a pgbench database under load: snapshot → rollback, with numbers."""
+    """A full migration of a pgbench database under load, with numbers.
+
+    assess → plan → snapshot → stream → verify → cutover → writes on the new primary →
+    rollback → cutover again → verify → finalize → report.
+    """
     started = time.monotonic()
     settings = load_settings()
     settings.require(
@@ -343,7 +356,18 @@ def demo(
     daemon = Daemon(env, stack.root / "logs" / f"{mid}-daemon.log")
     phases = {
         n: Phase(n)
-        for n in ("Discovery", "Snapshot", "Streaming", "Cutover", "Rollback", "Verification")
+        for n in (
+            "Discovery",
+            "Plan",
+            "Snapshot",
+            "Streaming",
+            "Backup",
+            "Cutover",
+            "Rollback",
+            "Cutover again",
+            "Verification",
+            "Finalize",
+        )
     }
     demo_ctx = _Demo(settings, env, dsns, conninfo, daemon, primary_file, phases, rate)
     _write_record(record, mid, names, None)
@@ -356,12 +380,16 @@ def demo(
         _create_databases(admin, names)
         demo_ctx.load_sample()
         demo_ctx.discovery()
+        demo_ctx.plan(run_dir / "plan.yaml")
         demo_ctx.snapshot_and_stream(streaming_seconds)
         _write_record(record, mid, names, daemon.pid)
         demo_ctx.verify_streaming()
+        demo_ctx.backup(run_dir / "backups")
         demo_ctx.cutover()
         demo_ctx.rollback()
+        demo_ctx.cutover_again()
         demo_ctx.final_verification()
+        demo_ctx.finalize()
         demo_ctx.final_report()
     except (CdcsyncError, psycopg.Error, OSError, subprocess.SubprocessError) as exc:
         code = exc.exit_code if isinstance(exc, CdcsyncError) and exc.exit_code else 1
@@ -505,6 +533,22 @@ class _Demo:
         phase.detail = f"{counts} (nothing blocks the migration)"
         console.print(f"  assess: {counts}", highlight=False)
 
+    def plan(self, path: Path) -> None:
+        phase = self.phases["Plan"]
+        _step(f"strategy: cdcsync plan --output {path}, then cdcsync plan --check")
+        rc, _out, err = _cli(self.env, ["plan", "--output", str(path)], timeout=120, live=False)
+        if rc != 0:
+            raise StepFailed(f"cdcsync plan exited {rc}: {err.strip()[-500:]}")
+        rc, out, err = _cli(self.env, ["plan", "--check", str(path)], timeout=120, live=False)
+        if rc != 0:
+            phase.mark, phase.detail = "🚧", f"plan --check exit {rc}"
+            raise StepFailed(f"cdcsync plan --check exited {rc}: {err.strip()[-500:]}")
+        console.print(f"  {out.strip()}", highlight=False)
+        # The daemon and every command from here on follow the plan (a changed plan
+        # would be refused: the snapshot records its fingerprint).
+        self.env["CDCSYNC_PLAN"] = str(path)
+        phase.mark, phase.detail = "✅", out.strip()
+
     def snapshot_and_stream(self, seconds: float) -> None:
         snap, stream = self.phases["Snapshot"], self.phases["Streaming"]
         _step("starting the load on the source, then the daemon (cdcsync run)")
@@ -623,6 +667,60 @@ class _Demo:
         self.start_pgbench("source")
         self._sleep_alive(5)
 
+    def backup(self, directory: Path) -> None:
+        phase = self.phases["Backup"]
+        _step(f"cdcsync backup --dir {directory} (restored into a scratch database, compared)")
+        rc, out, err = _cli(
+            self.env,
+            ["backup", "--dir", str(directory), "--output", "json"],
+            timeout=600,
+            live=False,
+        )
+        if rc != 0:
+            phase.mark, phase.detail = "🚧", f"backup exit {rc}"
+            raise StepFailed(f"cdcsync backup exited {rc}: {err.strip()[-500:]}")
+        doc = json.loads(out)
+        check = doc.get("verification") or {}
+        detail = (
+            f"{len(doc.get('files', []))} file(s), {doc.get('size_bytes', 0):,} bytes, restored "
+            f"and equal by checksum ({check.get('rows', 0):,} rows) in "
+            f"{(doc.get('seconds') or {}).get('total', 0):.1f} s"
+        )
+        console.print(f"  {doc.get('location')}: {detail}", highlight=False)
+        phase.mark, phase.detail = "✅", detail
+
+    def cutover_again(self) -> None:
+        phase = self.phases["Cutover again"]
+        _step("cdcsync cutover --yes --verify checksum (the second time: for good)")
+        phase.mark, phase.detail = "🚧", "running"
+        report = self.switch(["cutover", "--yes", "--verify", "checksum"])
+        self.numbers["cutover2_freeze_ms"] = float(report.get("freeze_seconds") or 0.0) * 1000
+        phase.mark, phase.detail = "✅", _switched(report)
+        if self.ledger.primary() != "target":
+            raise StepFailed("the --on-switch hook did not name the target as the new primary")
+        self.fenced_pgbench("cutover")
+        _step("load on the new primary for a few seconds")
+        self.start_pgbench("target")
+        self._sleep_alive(5)
+
+    def finalize(self) -> None:
+        phase = self.phases["Finalize"]
+        mid = self.env["CDCSYNC_MIGRATION_ID"]
+        _step(f"cdcsync finalize --confirm {mid}: the move is final, the way back removed")
+        rc, out, err = _cli(
+            self.env, ["finalize", "--confirm", mid, "--output", "json"], timeout=300, live=False
+        )
+        if rc != 0:
+            phase.mark, phase.detail = "🚧", f"finalize exit {rc}"
+            raise StepFailed(f"cdcsync finalize exited {rc}: {err.strip()[-500:]}")
+        removed = json.loads(out).get("removed", {})
+        console.print(f"  removed: {removed}", highlight=False)
+        code = self.daemon.wait_exit(60)
+        if code != 0:
+            raise StepFailed(f"the daemon did not exit 0 after finalize (code {code})")
+        console.print("  the daemon saw the migration finalized and exited 0", highlight=False)
+        phase.mark, phase.detail = "✅", "connectors, slots, publications and fences removed"
+
     def final_verification(self) -> None:
         phase = self.phases["Verification"]
         _step("stopping the load; cdcsync verify --level checksum until both sides are equal")
@@ -630,7 +728,7 @@ class _Demo:
         doc, tries, secs = self.verify_until_equal(timeout=120)
         rows = _rows(doc)
         self.numbers["rows_verified"] = rows
-        ledger = self.ledger.check(self.conninfo["source"])
+        ledger = self.ledger.check(self.conninfo[self.ledger.primary()])
         self.numbers["ledger"] = ledger
         console.print(
             f"  ledger: {ledger['acknowledged']} acknowledged writes "

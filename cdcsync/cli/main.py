@@ -31,6 +31,7 @@ def _register() -> None:
         backup_cmd,
         control_cmd,
         demo_cmd,
+        plan_cmd,
         report_cmd,
         run_cmd,
         snapshot_cmd,

@@ -3,11 +3,20 @@
 Exit 0 when the two sides are equal; 3 (precondition not met) when they differ, after
 the report is printed, so scripts and the cutover preflight can tell "differs" from
 "could not run" (which fails before any report).
+
+Each run's progress is kept in the target's state schema, so ``--resume`` continues an
+interrupted run from the ranges it had compared; the finished run's summary (with the
+reconciliation totals) goes to the migration's state, where ``cdcsync report`` reads
+it. ``--repair`` re-copies what differs, only while the target is fenced, and checks it
+again (exit 0 when the re-check is clean). ``--continuous`` keeps re-verifying what
+changed while the stream runs, until SIGTERM or SIGINT (exit 3 if the last pass found a
+persistent difference).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -21,6 +30,8 @@ from cdcsync.cli.main import app
 if TYPE_CHECKING:
     from cdcsync.config import Settings
     from cdcsync.core.events import TableId
+    from cdcsync.engine.verify import VerifyReport
+    from cdcsync.engine.verify_continuous import PassReport
 
 console = Console()
 
@@ -145,34 +156,123 @@ def verify(
     max_keys: Annotated[
         int, typer.Option("--max-keys", min=1, help="keys listed per kind of difference (rows)")
     ] = 20,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the latest interrupted run (or --run-id)")
+    ] = False,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="the interrupted run --resume continues")
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="re-copy differing ranges from the source (only while the target is fenced)",
+        ),
+    ] = False,
+    continuous: Annotated[
+        bool, typer.Option("--continuous", help="re-verify changed ranges every --interval")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="seconds between continuous passes")
+    ] = 30.0,
+    passes: Annotated[
+        int | None, typer.Option("--passes", min=1, help="stop after this many passes")
+    ] = None,
+    sweep: Annotated[
+        int,
+        typer.Option("--sweep", min=1, help="every range is re-checked at least every N passes"),
+    ] = 10,
+    range_bytes: Annotated[
+        int | None,
+        typer.Option("--range-bytes", min=1, help="bytes per top-level key range (default 8 MiB)"),
+    ] = None,
 ) -> None:
     """Compare the migrated tables on source and target; exit 3 when they differ."""
     from cdcsync.config import load_settings
-    from cdcsync.engine.verify import LEVELS, verify_tables
-    from cdcsync.errors import ConfigError, PreconditionError
+    from cdcsync.engine.verify import LEVELS
+    from cdcsync.errors import ConfigError
 
     if level not in LEVELS:
         raise ConfigError(f"--level {level!r}: use one of {', '.join(LEVELS)}")
     if output not in ("text", "json"):
         raise ConfigError(f"--output {output!r}: use text or json")
+    if run_id is not None and not resume:
+        raise ConfigError("--run-id names the run to resume: give --resume too")
+    if continuous and (repair or resume):
+        raise ConfigError("--continuous cannot be combined with --repair or --resume")
+    if repair and level == "counts":
+        raise ConfigError("--repair needs --level checksum or rows: counts cannot tell where")
     settings = load_settings(config, workers=workers)
     settings.require("source_dsn", "target_dsn")
-    chosen = parse_tables(tables) if tables is not None else default_tables(settings)
+    chosen = parse_tables(tables) if tables is not None else None
     lvl: Literal["counts", "checksum", "rows"] = level  # type: ignore[assignment]
-    report = verify_tables(
-        settings.source_conninfo(),
-        settings.target_conninfo(),
-        chosen,
-        lvl,
-        workers=settings.workers,
-        state_schema=settings.state_schema,
-        max_keys=max_keys,
-    )
+    if continuous:
+        _continuous(settings, chosen, output, interval, passes, sweep, max_keys, range_bytes)
+        return
+    _once(settings, chosen, lvl, output, max_keys, resume, run_id, repair, range_bytes)
+
+
+def _once(
+    settings: Settings,
+    chosen: list[TableId] | None,
+    level: Literal["counts", "checksum", "rows"],
+    output: str,
+    max_keys: int,
+    resume: bool,
+    run_id: str | None,
+    repair: bool,
+    range_bytes: int | None,
+) -> None:
+    from cdcsync.engine.verify import verify_tables
+    from cdcsync.engine.verify_repair import repair as repair_ranges
+    from cdcsync.engine.verify_repair import require_fenced
+    from cdcsync.engine.verify_store import RunStore
+    from cdcsync.errors import PreconditionError
+
+    target_dsn = settings.target_conninfo()
+    schema, mig = settings.state_schema, settings.migration_id
+    if resume:
+        store, recorded = RunStore.resume(target_dsn, schema, mig, run_id, level, chosen)
+        chosen = recorded
+    else:
+        chosen = chosen if chosen is not None else default_tables(settings)
+        if repair:
+            require_fenced(target_dsn, chosen, mig)  # before spending a verification
+        store = RunStore.start(target_dsn, schema, mig, level, chosen)
+    try:
+        report = verify_tables(
+            settings.source_conninfo(),
+            target_dsn,
+            chosen,
+            level,
+            workers=settings.workers,
+            state_schema=schema,
+            max_keys=max_keys,
+            progress=store,
+            range_bytes=range_bytes,
+            run_id=store.run_id,
+        )
+        store.finish(report)
+    finally:
+        store.close()
     doc = report.to_dict()
+    fixed = None
+    if repair and not report.ok:
+        fixed = repair_ranges(settings, report, workers=settings.workers)
+        doc["repair"] = fixed.to_dict()
     if output == "json":
         print(json.dumps(doc), flush=True)
     else:
         console.print(render(doc))
+        if fixed is not None:
+            console.print(render_repair(doc["repair"]))
+    if fixed is not None:
+        if not fixed.ok:
+            raise PreconditionError(
+                f"repaired {len(fixed.repaired)} range(s), but the re-check still finds "
+                "differences (changes in flight while streaming? run cdcsync verify again)"
+            )
+        return
     if not report.ok:
         differing = [t for t, n in doc["mismatches"].items() if n]
         raise PreconditionError(
@@ -180,3 +280,148 @@ def verify(
             + ", ".join(differing[:10])
             + (" …" if len(differing) > 10 else "")
         )
+
+
+def render_repair(doc: dict[str, Any]) -> Group:
+    """What a repair copied, and its re-check."""
+    table = Table(title="repair (re-copied from the source)", title_justify="left")
+    for col in ("table", "range", "deleted", "copied", "seconds"):
+        table.add_column(col, justify="left" if col in ("table", "range") else "right")
+    for r in doc["repaired"]:
+        where = "whole table" if r["whole_table"] else f"[{r['lower']}, {r['upper']})"
+        table.add_row(
+            escape(r["table"]),
+            escape(where),
+            _n(r["deleted"]),
+            _n(r["copied"]),
+            f"{r['seconds']:.2f}",
+        )
+    verdict = "equal" if doc["ok"] else "STILL DIFFERENT"
+    return Group(table, f"re-check of the repaired ranges: {verdict}")
+
+
+def _continuous(
+    settings: Settings,
+    chosen: list[TableId] | None,
+    output: str,
+    interval: float,
+    passes: int | None,
+    sweep: int,
+    max_keys: int,
+    range_bytes: int | None,
+) -> None:
+    import signal
+    import threading
+
+    from cdcsync.adapters.pg import connect
+    from cdcsync.engine.verify_continuous import run_continuous
+    from cdcsync.engine.verify_store import ensure_tables, record
+    from cdcsync.errors import PreconditionError
+
+    tables = chosen if chosen is not None else default_tables(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with connect(settings.target_conninfo(), "target", autocommit=True) as state:
+        ensure_tables(state, settings.state_schema)
+
+        def on_pass(p: PassReport) -> None:
+            doc = p.to_dict()
+            if p.number > 0:  # a difference counts once a second pass confirms it
+                mismatches = {t: len(p.persistent.get(t, [])) for t in tables}
+                record(
+                    state,
+                    settings.state_schema,
+                    settings.migration_id,
+                    _confirmed(p, mismatches),
+                    continuous={"pass": p.number, "transient": doc["transient"]},
+                )
+            if output == "json":
+                print(json.dumps(doc), flush=True)
+            else:
+                console.print(_pass_line(doc))
+
+        last = run_continuous(
+            settings.source_conninfo(),
+            settings.target_conninfo(),
+            tables,
+            interval=interval,
+            passes=passes,
+            sweep=sweep,
+            workers=settings.workers,
+            state_schema=settings.state_schema,
+            max_keys=max_keys,
+            range_bytes=range_bytes,
+            stop=stop,
+            on_pass=on_pass,
+            settle=_drain_step(settings),
+        )
+    if not last.ok:
+        raise PreconditionError(
+            "persistent differences in "
+            + ", ".join(f"{t} ({len(k)} key(s))" for t, k in last.persistent.items() if k)
+        )
+
+
+def _drain_step(settings: Settings) -> Callable[[], None] | None:
+    """The cutover's drain (prove the applier has applied what the source committed so
+    far), when Kafka and Connect are configured; None otherwise."""
+    if not settings.kafka_bootstrap or not settings.connect_url:
+        return None
+
+    def settle() -> None:
+        from cdcsync.adapters.connect_rest import ConnectClient
+        from cdcsync.adapters.pg import connect
+        from cdcsync.engine.drain import drain
+
+        with (
+            connect(settings.source_conninfo(), "source", autocommit=True) as source,
+            connect(settings.target_conninfo(), "target") as target,
+        ):
+            drain(
+                source=source,
+                target=target,
+                connect=ConnectClient(settings.connect_url),
+                connector=settings.connector_name,
+                bootstrap=settings.kafka_bootstrap,
+                topic_prefix=settings.topic_prefix,
+                migration_id=settings.migration_id,
+                state_schema=settings.state_schema,
+                timeout=120.0,
+            )
+
+    return settle
+
+
+def _confirmed(p: PassReport, mismatches: dict[TableId, int]) -> VerifyReport:
+    """A report whose mismatches are the pass's persistent differences only."""
+    from cdcsync.engine.verify import TableResult
+    from cdcsync.engine.verify import VerifyReport as Report
+
+    rows = {r.table: r for r in p.report.tables}
+    tables = []
+    for t, n in mismatches.items():
+        r = TableResult(t, "rows", source_rows=None, target_rows=None)
+        r.differing_rows = n
+        seen = rows.get(t)
+        if seen is not None:
+            r.source_rows = r.target_rows = seen.source_rows
+        tables.append(r)
+    return Report("rows", tables, {}, {}, partial=True)
+
+
+def _pass_line(doc: dict[str, Any]) -> str:
+    checked = sum(doc["checked_ranges"].values())
+    total = sum(doc["ranges"].values())
+    transient = sum(doc["transient"].values())
+    persistent = doc["persistent"]
+    line = (
+        f"pass {doc['pass']}: {checked}/{total} range(s) checked in {doc['seconds']:.2f}s, "
+        f"{transient} transient difference(s)"
+    )
+    if persistent:
+        keys = "; ".join(
+            f"{t}: " + ", ".join(",".join(k) for k in ks[:10]) for t, ks in persistent.items()
+        )
+        line += f" — PERSISTENT: {keys}"
+    return escape(line)

@@ -125,14 +125,14 @@ class TablePlan:
                 out = sql.SQL("({})::text::{}").format(out, sql.SQL(plan.cast))
         return out
 
-    def ddl(self) -> list[sql.Composable]:
+    def ddl(self) -> list[sql.Composed]:
         """Statements that turn the source-shaped table on the target into the planned one.
 
         In an order that is valid from the copied shape: values first (transforms,
         casts), then drops, renames and the new columns.
         """
         t = sql.Identifier(self.table.schema, self.table.name)
-        out: list[sql.Composable] = []
+        out: list[sql.Composed] = []
         sets = [
             sql.SQL("{} = {}").format(
                 sql.Identifier(c.name),
@@ -439,6 +439,9 @@ def validate_against(
                 f"plan: {table} has no primary key: its rows are matched by their full image, "
                 "so its columns cannot be cast or transformed"
             )
+        for c in tp.columns.values():
+            if c.rename and c.rename in have and tp.target_of(c.rename) == c.rename:
+                problems.append(f"plan: {table}.{c.name} would land on the kept column {c.rename}")
         for a in tp.add:
             if a.name in have and tp.target_of(a.name) == a.name:
                 problems.append(f"plan: {table} already has a column {a.name}")

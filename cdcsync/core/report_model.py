@@ -227,10 +227,26 @@ def _strategy(doc: Mapping[str, Any]) -> PhaseReport:
         return PhaseReport(
             name,
             Status.BLOCKED,
-            "no plan recorded: `cdcsync plan` (field mapping, transforms, copy order) is not "
-            "built yet, so every table in scope was migrated as it is",
+            "no plan recorded: the snapshot was taken without one (`cdcsync plan` writes it, "
+            "CDCSYNC_PLAN points at it), so nothing reviewed says what moves and how",
         )
-    return PhaseReport(name, Status.COMPLETE, "plan recorded", (("fingerprint", fingerprint),))
+    facts: list[tuple[str, str]] = [("fingerprint", fingerprint)]
+    if _str(plan.get("file")):
+        facts.append(("file", str(plan["file"])))
+    for key, label in (
+        ("tables", "tables migrated"),
+        ("excluded", "excluded"),
+        ("filtered", "row filters"),
+        ("mapped", "column mappings"),
+    ):
+        value = plan.get(key)
+        if isinstance(value, list):
+            facts.append((label, ", ".join(map(str, value)) or "none"))
+        elif value is not None:
+            facts.append((label, str(value)))
+    return PhaseReport(
+        name, Status.COMPLETE, "reviewed plan recorded with the snapshot", tuple(facts)
+    )
 
 
 def _preparation(doc: Mapping[str, Any]) -> PhaseReport:

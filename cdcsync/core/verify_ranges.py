@@ -51,15 +51,17 @@ class Digest:
     digest: str | None  # None for an empty range
 
 
-def range_count(nbytes: int, workers: int) -> int:
+def range_count(nbytes: int, workers: int, bytes_per_range: int | None = None) -> int:
     """Top-level ranges for a table of ``nbytes``: one for a small table, else ~8 MiB each.
 
     A large table gets at least two ranges per worker so both sides' workers stay busy,
-    and at most :data:`MAX_RANGES` so the per-range queries stay few.
+    and at most :data:`MAX_RANGES` so the per-range queries stay few. ``bytes_per_range``
+    overrides the size (smaller ranges: less to drill into or re-copy, more queries).
     """
-    if nbytes <= SMALL_TABLE_BYTES:
+    per_range = max(1, bytes_per_range or BYTES_PER_RANGE)
+    if nbytes <= min(SMALL_TABLE_BYTES, per_range):
         return 1
-    pieces = math.ceil(nbytes / BYTES_PER_RANGE)
+    pieces = math.ceil(nbytes / per_range)
     return max(2, min(MAX_RANGES, max(pieces, 2 * max(workers, 1))))
 
 
@@ -193,3 +195,84 @@ def range_predicate(key_columns: Sequence[str], rng: KeyRange) -> sql.Composable
             )
         )
     return sql.SQL(" AND ").join(parts) if parts else None
+
+
+def range_index(key_columns: Sequence[str], boundaries: Sequence[Bound]) -> sql.Composable:
+    """SQL giving the index of the range (of ``split`` over an unbounded key space at
+    ``boundaries``) that holds a row: a nested CASE that binary-searches the boundaries.
+
+    The comparisons are the row constructors of :func:`range_predicate`, so a row gets
+    exactly the index of the range whose predicate it satisfies; evaluation costs
+    ``log2(len(boundaries))`` comparisons per row.
+    """
+    if not key_columns:
+        raise ValueError("a key range needs key columns")
+    keys = sql.SQL(", ").join(map(sql.Identifier, key_columns))
+    for b in boundaries:
+        if len(b) != len(key_columns):
+            raise ValueError(f"bound {b!r} does not match key {list(key_columns)!r}")
+
+    def build(lo: int, hi: int) -> sql.Composable:
+        if lo == hi:
+            return sql.Literal(lo)
+        mid = (lo + hi + 1) // 2  # range ``mid`` starts at boundaries[mid - 1]
+        literal = sql.SQL(", ").join(map(sql.Literal, boundaries[mid - 1]))
+        return sql.SQL("CASE WHEN ({}) >= ({}) THEN {} ELSE {} END").format(
+            keys, literal, build(mid, hi), build(lo, mid - 1)
+        )
+
+    return build(0, len(boundaries))
+
+
+#: PostgreSQL's 32-bit transaction ids wrap at this modulus.
+XID_MODULUS = 1 << 32
+
+
+def xid_window(since: int, until: int) -> tuple[int, int] | None:
+    """The 32-bit xids ``[since, until)`` of two 64-bit ones, as (first xid, count).
+
+    ``since`` is the ``xmin`` of an earlier snapshot, ``until`` the ``xmax`` of a later
+    one (both ``xid8``, which never wrap): every row version committed after the earlier
+    snapshot and visible in the later one has its ``xmin`` in the window. A row's
+    ``xmin`` is only 32 bits, so the window is taken modulo 2**32; it is exact while it
+    spans less than 2**31 xids (PostgreSQL keeps every unfrozen xid within 2**31 of the
+    next one; frozen rows read as xid 2, which at worst adds a row, never hides one).
+    None when it is wider: then every row counts as changed.
+    """
+    if until < since:
+        raise ValueError(f"xid window ends at {until} before it starts at {since}")
+    span = until - since
+    if span >= XID_MODULUS // 2:
+        return None
+    return since % XID_MODULUS, span
+
+
+def xid_window_predicate(window: tuple[int, int]) -> sql.Composable:
+    """``xmin`` of the row inside the window of :func:`xid_window` (wraparound included)."""
+    first, span = window
+    return sql.SQL("((xmin::text::bigint - {} + {}) % {}) < {}").format(
+        sql.Literal(first),
+        sql.Literal(XID_MODULUS),
+        sql.Literal(XID_MODULUS),
+        sql.Literal(span),
+    )
+
+
+def in_xid_window(xid: int, window: tuple[int, int]) -> bool:
+    """What :func:`xid_window_predicate` computes, for one 32-bit xid (for tests)."""
+    first, span = window
+    return (xid - first + XID_MODULUS) % XID_MODULUS < span
+
+
+RowHashes = Mapping[Bound, tuple[str | None, str | None]]
+
+
+def persistent(previous: RowHashes, current: RowHashes) -> list[Bound]:
+    """Keys that differ in two passes with the same row on each side both times.
+
+    A difference caused by lag goes away, or changes the source's or the target's row
+    as the stream moves on; one where neither side's row changed between the passes is
+    not explained by changes in flight (unless the stream stood still the whole
+    interval), so it is reported.
+    """
+    return [k for k, pair in current.items() if previous.get(k) == pair]

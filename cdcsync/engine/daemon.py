@@ -7,7 +7,9 @@ stops one stream before it starts the other, so a process never applies both
 directions at once. A stream that halts is recorded in the migration state (cutover
 preflight refuses while one is) and retried from its stored offsets every
 ``apply.halt_retry_seconds``: the process stays up, /readyz says why it is not ready, and
-streaming goes on by itself once the operator has fixed the cause.
+streaming goes on by itself once the operator has fixed the cause. The one exception is
+a replication slot lost behind the daemon's back (:mod:`cdcsync.engine.slot_watch`): that
+halt stays, since nothing short of a new snapshot closes the hole.
 """
 
 from __future__ import annotations

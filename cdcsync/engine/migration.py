@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from cdcsync.adapters.pg import connect
+from cdcsync.adapters.reach import check_services
 from cdcsync.config import Settings
 from cdcsync.engine.daemon import Supervisor
 from cdcsync.engine.observe import Observability
@@ -17,6 +18,26 @@ from cdcsync.engine.stream import Endpoint, StreamLoop
 from cdcsync.snapshot.runner import migration_state, run_snapshot
 
 log = logging.getLogger("cdcsync.run")
+
+
+def _check_plan(target: psycopg.Connection[Any], settings: Settings) -> None:
+    """Refuse to stream under a plan other than the one the snapshot was taken with."""
+    from cdcsync.core import plan as plan_mod
+    from cdcsync.errors import ConfigError
+    from cdcsync.snapshot import state as st
+
+    found = st.read(target, settings)
+    if found is None:
+        return
+    recorded = (found.data.get("fingerprint_inputs") or {}).get("plan")
+    current = plan_mod.load(settings.plan).fingerprint() if settings.plan else None
+    if recorded != current:
+        raise ConfigError(
+            f"migration {settings.migration_id} was snapshotted under "
+            f"{'plan ' + recorded if recorded else 'no plan'}, but the plan now is "
+            f"{'plan ' + current if current else 'none'}: the snapshot does not match it; "
+            "restore the plan it was taken with, or re-snapshot under a new CDCSYNC_MIGRATION_ID"
+        )
 
 
 def _needs_snapshot(target: psycopg.Connection[Any], settings: Settings) -> bool:
@@ -50,6 +71,7 @@ def _snapshot_turn(
 
 def run(settings: Settings, *, stop: threading.Event | None = None) -> int:
     settings.require("source_dsn", "target_dsn", "kafka_bootstrap", "connect_url")
+    check_services(settings)  # before anything is created on either side
     # Endpoints, lag probe and operator requests for the whole life of the process.
     with Observability(settings) as observer:
         return _run(settings, observer, stop)
@@ -73,6 +95,7 @@ def _run(settings: Settings, observer: Observability, stop: threading.Event | No
             target.execute(
                 "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (_lock_key(settings),)
             )
+        _check_plan(target, settings)
 
     # Forward before cutover, reverse after it: the supervisor follows the state.
     def make_loop(endpoint: Endpoint, loop_stop: threading.Event) -> Callable[[], int]:

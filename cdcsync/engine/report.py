@@ -33,7 +33,7 @@ def gather(settings: Settings, *, discovery: bool = True) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "migration_id": settings.migration_id,
         "generated_at": time.time(),
-        "plan": None,  # no plan feature yet: Strategy stays 🚧
+        "plan": None,  # from the snapshot's record, when it was taken under a plan
     }
     with connect(settings.target_conninfo(), "target", autocommit=True) as target:
         target.read_only = True
@@ -85,6 +85,7 @@ def _migration(conn: psycopg.Connection[Any], settings: Settings, doc: dict[str,
         "sequences": data.get("sequences"),
         "timings": data.get("timings"),
     }
+    doc["plan"] = data.get("plan")
     doc["primary"] = data.get("primary") or ("target" if phase == "cut_over" else "source")
     doc["armed_streams"] = data.get("streams")
     doc["halted"] = data.get("halted")

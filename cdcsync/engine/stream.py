@@ -30,12 +30,20 @@ import psycopg
 from cdcsync import faultpoints
 from cdcsync.adapters import offset_store
 from cdcsync.adapters.pg import connect
-from cdcsync.adapters.pg_apply import ApplyError, PgApplier, fetch_rows_by_key
+from cdcsync.adapters.pg_apply import (
+    ApplyError,
+    PgApplier,
+    SourceFetch,
+    ValueSql,
+    fetch_rows_by_key,
+)
 from cdcsync.adapters.schema_follow import column_adder
+from cdcsync.adapters.schema_registry import decoder_for
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import Settings
+from cdcsync.core import plan as plan_mod
 from cdcsync.core.batching import Batch, BatchPolicy, gap
-from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX, decode
+from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX
 from cdcsync.core.events import Event, RowChange, TableId, Truncate
 from cdcsync.errors import ConfigError, DecodeError, HaltedError
 
@@ -148,6 +156,13 @@ class StreamLoop:
         self.settings = settings
         self.endpoint = endpoint
         self.stop = stop or threading.Event()
+        self.plan = plan_mod.load(settings.plan) if settings.plan else plan_mod.EMPTY
+        # Events arrive in the names of the side they come from: forward ones are mapped
+        # onto the target's columns, reverse ones back onto the source's.
+        self._map: Callable[[Event], Event] | None = None
+        if self.plan.maps_columns:
+            forward = endpoint.direction == "forward"
+            self._map = self.plan.map_event if forward else self.plan.reverse_event
         self.on_batch = on_batch
         self.observer: StreamObserver = observer or _Unobserved()
         self._paused: str | None = None
@@ -158,6 +173,7 @@ class StreamLoop:
         self._partition_counts: dict[str, int] = {}
         self._callback_error: Exception | None = None
         self._dlq: Any = None
+        self._decode_message = decoder_for(settings)  # JSON or Avro, by kafka.format
         # Bumped on every assignment change: a batch gathered across one is dropped,
         # since the new assignment re-reads from the offsets stored in the target.
         self._generation = 0
@@ -185,8 +201,9 @@ class StreamLoop:
             conn,
             tables=self.endpoint.tables,
             unknown_table=self.settings.apply.unknown_table,
-            fetch_source=fetch_rows_by_key(source),
+            fetch_source=_mapped_fetch(fetch_rows_by_key(source), self.plan, self.endpoint),
             add_columns=column_adder(source) if self.settings.apply.add_new_columns else None,
+            transforms=_transforms(self.plan) if self.endpoint.direction == "forward" else None,
         )
         applier.prepare_session()
         conn.commit()
@@ -317,6 +334,8 @@ class StreamLoop:
                         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
                         value = msg.value()
                         event = self._decode(msg, topic, partition, offset, value)
+                        if self._map is not None and event is not None:
+                            event = self._map(event)
                         if event is None:
                             continue  # sent to the dead-letter topic
                         batch.add(topic, partition, offset, len(value or b""))
@@ -406,7 +425,7 @@ class StreamLoop:
                 )
         self.expected[key] = offset + 1
         try:
-            event = decode(
+            event = self._decode_message(
                 topic, partition, offset, msg.key(), value, topic_prefix=self.endpoint.topic_prefix
             )
             if isinstance(event, Truncate) and self._partitions(topic) > 1:
@@ -497,7 +516,7 @@ class StreamLoop:
                     continue
                 pos = exc.position
                 msg = raw.get((pos.topic, pos.partition, pos.offset)) if pos else None
-                if self.settings.apply.on_error != "dead-letter" or msg is None:
+                if self.settings.apply.on_error != "dead-letter" or msg is None or _resource(exc):
                     where = _where(msg) if msg is not None else "batch"
                     raise HaltedError(f"cannot apply {where}: {exc}") from None
                 self._dead_letter(msg, str(exc))
@@ -542,6 +561,42 @@ class StreamLoop:
         return out
 
 
+def _transforms(plan: plan_mod.Plan) -> dict[TableId, dict[str, ValueSql]]:
+    """The plan's transforms as SQL over the applier's staged values."""
+    out: dict[TableId, dict[str, ValueSql]] = {}
+    for table, tp in plan.tables.items():
+        for column, chain in tp.transformed().items():
+
+            def value(ref: Any, chain: Any = chain) -> Any:
+                for step in chain:
+                    ref = step.sql(ref)
+                return ref
+
+            out.setdefault(table, {})[column] = value
+    return out
+
+
+def _mapped_fetch(fetch: SourceFetch, plan: plan_mod.Plan, endpoint: Endpoint) -> SourceFetch:
+    """Reads rows by key from the side events come from, in the names the applier uses."""
+    if not plan.maps_columns:
+        return fetch
+    forward = endpoint.direction == "forward"
+
+    def mapped(
+        table: TableId, key: tuple[str, ...], keys: list[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], dict[str, Any]]:
+        tp = plan.table(table)
+        there = tp.source_of if forward else tp.target_of
+        back = tp.target_of if forward else tp.source_of
+        rows = fetch(table, tuple(str(there(k)) for k in key), keys)
+        return {
+            k: {b: v for n, v in row.items() if (b := back(n)) is not None}
+            for k, row in rows.items()
+        }
+
+    return mapped
+
+
 def _low_watermark(consumer: Any, tp: Any, attempts: int = 10) -> int:
     """The partition's first offset; retried while a new topic's leader is elected."""
     from confluent_kafka import KafkaException
@@ -563,6 +618,12 @@ def _transient(exc: BaseException) -> bool:
     cause = exc.__cause__
     state = getattr(cause, "sqlstate", None) or ""
     return state.startswith("40") or state == "55P03"
+
+
+def _resource(exc: BaseException) -> bool:
+    """The database failed, not the event (disk full, shutdown, I/O): halt, never DLQ."""
+    state = getattr(exc.__cause__, "sqlstate", None) or ""
+    return state[:2] in ("08", "53", "57", "58", "XX")
 
 
 def _kafka_offsets(next_offsets: dict[tuple[str, int], int]) -> list[Any]:

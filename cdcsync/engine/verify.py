@@ -3,9 +3,9 @@
 Each side is read at one instant: its first connection opens a REPEATABLE READ READ
 ONLY transaction and exports its snapshot, and the side's other connections import it,
 so every query on a side — range digests, drill-downs, sums — sees the same data while
-both sides work in parallel (one thread per connection). Only reads are issued, so a
-write-fenced target verifies like any other, and the cutover can call this under its
-write freeze.
+both sides work in parallel (one thread per connection). The comparison only reads, so
+a write-fenced target verifies like any other, and the cutover can call this under its
+write freeze (a :class:`RangeLog` records progress over a connection of its own).
 
 Every connection gets the same session settings, so a value prints the same text on
 both sides whatever the servers' defaults (time zone, date and interval styles, float
@@ -14,11 +14,26 @@ digits, bytea format, money locale, search path for regclass and friends).
 Levels:
 
 - ``counts``: ``count(*)`` on both sides — the cheap check under a freeze;
-- ``checksum``: per key range ``count(*)`` and ``md5(string_agg(row text ORDER BY key))``
-  plus the sum of every numeric column (the reconciliation totals); tables
-  without a primary key get digests of 256 buckets of row digests, order-independent;
+- ``checksum``: per key range ``count(*)`` and an order-independent digest of the
+  range's row hashes, plus the sum of every numeric column (the reconciliation
+  totals); tables without a primary key get digests of 256 buckets of row digests;
 - ``rows``: as ``checksum``, then differing ranges are cut again and again, down to
   ranges compared row by row, which names the differing keys.
+
+A row's hash is ``hash_record_extended`` over its columns, each hashed by its type's own
+hash function where that function sees exactly what the text form shows (integers,
+text under a deterministic collation, bytea, uuid, dates and timestamps, booleans;
+numerics together with their scale), and over its text form otherwise (floats, whose
+hash equates -0 and 0; intervals, jsonb, arrays, enums, whose hash is of an OID, and
+every other type). That costs a fraction of printing every row, so a range needs no
+sort: its digest is the count, the XOR and the sum of its row hashes. A range holds
+unique keys (the key is part of the row), so rows cannot cancel out; XOR and sum
+together keep the linear structure of the record hash from hiding a change (two rows
+changed the same way move the sum, two swapped values move the XOR).
+
+Progress can be recorded (:class:`RangeLog`) so an interrupted verification resumes
+from the ranges already compared, and a run can be restricted to chosen ranges (the
+continuous mode re-checks ranges that changed, a repair re-checks what it copied).
 """
 
 from __future__ import annotations
@@ -26,11 +41,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import psycopg
 from psycopg import sql
@@ -60,8 +76,32 @@ SESSION_SETTINGS = {
 
 #: Column types whose values the reconciliation sums (domains over them included).
 NUMERIC_TYPES = ("int2", "int4", "int8", "numeric", "float4", "float8", "money")
+#: Of those, the ones ``sum`` adds exactly without a cast (int8 and numeric: as numeric).
+EXACT_SUM_TYPES = frozenset({"int2", "int4", "int8", "numeric"})
+
+#: Base types whose hash function equates exactly the values that print the same
+#: (text-like ones only under a deterministic collation).
+NATIVE_HASH_TYPES = frozenset(
+    {
+        "int2",
+        "int4",
+        "int8",
+        "bool",
+        "text",
+        "varchar",
+        "bytea",
+        "uuid",
+        "date",
+        "timestamp",
+        "timestamptz",
+        "time",
+    }
+)
+_COLLATED = frozenset({"text", "varchar"})
 
 DEFAULT_MAX_KEYS = 20
+#: Row hashes kept per table for the continuous mode's persistence test.
+MAX_TRACKED_ROWS = 10_000
 
 T = TypeVar("T")
 
@@ -75,6 +115,25 @@ class RangeResult:
     source_rows: int
     target_rows: int
     bucket: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lower": None if self.lower is None else list(self.lower),
+            "upper": None if self.upper is None else list(self.upper),
+            "bucket": self.bucket,
+            "source_rows": self.source_rows,
+            "target_rows": self.target_rows,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RangeResult:
+        return cls(
+            _bound(d.get("lower")),
+            _bound(d.get("upper")),
+            int(d["source_rows"]),
+            int(d["target_rows"]),
+            d.get("bucket"),
+        )
 
 
 @dataclass
@@ -93,6 +152,60 @@ class Reconciliation:
     @property
     def differing_columns(self) -> list[str]:
         return [c for c, v in self.source_sums.items() if self.target_sums.get(c) != v]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "source_rows": self.source_rows,
+            "target_rows": self.target_rows,
+            "source_sums": self.source_sums,
+            "target_sums": self.target_sums,
+            "differing_columns": self.differing_columns,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Reconciliation:
+        return cls(
+            d.get("source_rows"),
+            d.get("target_rows"),
+            dict(d.get("source_sums") or {}),
+            dict(d.get("target_sums") or {}),
+        )
+
+
+@dataclass
+class Findings:
+    """What the drill-down found in one range: keys by kind, and the leaves compared."""
+
+    source_only: list[dict[str, str]] = field(default_factory=list)  # missing on the target
+    target_only: list[dict[str, str]] = field(default_factory=list)  # extra on the target
+    changed: list[dict[str, str]] = field(default_factory=list)
+    differing_rows: int = 0
+    # Differing ranges compared row by row: what a repair re-copies.
+    leaves: list[KeyRange] = field(default_factory=list)
+    # key → (source row hash, target row hash) of differing rows (None: absent there).
+    hashes: dict[Bound, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source_only": self.source_only,
+            "target_only": self.target_only,
+            "changed": self.changed,
+            "differing_rows": self.differing_rows,
+            "leaves": [_range_doc(r) for r in self.leaves],
+            "hashes": [[list(k), s, t] for k, (s, t) in self.hashes.items()],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Findings:
+        return cls(
+            list(d.get("source_only") or []),
+            list(d.get("target_only") or []),
+            list(d.get("changed") or []),
+            int(d.get("differing_rows") or 0),
+            [_range_of(r) for r in d.get("leaves") or []],
+            {tuple(str(v) for v in k): (s, t) for k, s, t in d.get("hashes") or []},
+        )
 
 
 @dataclass
@@ -113,6 +226,13 @@ class TableResult:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # The top-level ranges compared (keyed tables), and which of them this run checked
+    # (all of them unless the run was restricted).
+    plan: list[KeyRange] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)
+    leaves: list[KeyRange] = field(default_factory=list)
+    hashes: dict[Bound, tuple[str | None, str | None]] = field(default_factory=dict)
+    resumed_ranges: int = 0  # ranges taken from an interrupted run's record
 
     @property
     def mismatches(self) -> int:
@@ -130,6 +250,137 @@ class TableResult:
     def ok(self) -> bool:
         return self.mismatches == 0
 
+    def add(self, found: Findings, max_keys: int) -> None:
+        """Merge one range's findings, keeping at most ``max_keys`` keys of each kind."""
+        self.differing_rows += found.differing_rows
+        for keys, out in (
+            (found.source_only, self.source_only),
+            (found.target_only, self.target_only),
+            (found.changed, self.changed),
+        ):
+            out.extend(keys[: max(max_keys - len(out), 0)])
+        self.leaves.extend(found.leaves)
+        for k, pair in found.hashes.items():
+            if len(self.hashes) < MAX_TRACKED_ROWS:
+                self.hashes[k] = pair
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": str(self.table),
+            "ok": self.ok,
+            "method": self.method,
+            "key": list(self.key),
+            "source_rows": self.source_rows,
+            "target_rows": self.target_rows,
+            "ranges": self.ranges,
+            "checked_ranges": len(self.checked) if self.plan else self.ranges,
+            "resumed_ranges": self.resumed_ranges,
+            "differing_ranges": [d.to_dict() for d in self.differing_ranges],
+            "differing_rows": self.differing_rows,
+            "source_only": self.source_only,
+            "target_only": self.target_only,
+            "changed": self.changed,
+            "error": self.error,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 4),
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to rebuild this result (for a resumed run)."""
+        return {
+            **self.to_dict(),
+            "level": self.level,
+            "plan": [_range_doc(r) for r in self.plan],
+            "checked": self.checked,
+            "leaves": [_range_doc(r) for r in self.leaves],
+            "hashes": [[list(k), s, t] for k, (s, t) in self.hashes.items()],
+        }
+
+    @classmethod
+    def from_state(cls, d: Mapping[str, Any]) -> TableResult:
+        schema, _, name = str(d["table"]).partition(".")
+        return cls(
+            TableId(schema, name),
+            str(d["level"]),
+            str(d.get("method") or ""),
+            tuple(d.get("key") or ()),
+            d.get("source_rows"),
+            d.get("target_rows"),
+            int(d.get("ranges") or 0),
+            [RangeResult.from_dict(r) for r in d.get("differing_ranges") or []],
+            list(d.get("source_only") or []),
+            list(d.get("target_only") or []),
+            list(d.get("changed") or []),
+            int(d.get("differing_rows") or 0),
+            d.get("error"),
+            list(d.get("notes") or []),
+            float(d.get("seconds") or 0.0),
+            [_range_of(r) for r in d.get("plan") or []],
+            [int(i) for i in d.get("checked") or []],
+            [_range_of(r) for r in d.get("leaves") or []],
+            {tuple(str(v) for v in k): (s, t) for k, s, t in d.get("hashes") or []},
+            int(d.get("ranges") or 0),
+        )
+
+
+@dataclass
+class RangeOutcome:
+    """One top-level range compared: both sides' digests and sums, and what differs."""
+
+    index: int
+    source: Digest
+    target: Digest
+    source_sums: list[str | None]
+    target_sums: list[str | None]
+    findings: Findings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": [self.source.rows, self.source.digest],
+            "target": [self.target.rows, self.target.digest],
+            "source_sums": self.source_sums,
+            "target_sums": self.target_sums,
+            "findings": self.findings.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, index: int, d: Mapping[str, Any]) -> RangeOutcome:
+        return cls(
+            index,
+            Digest(int(d["source"][0]), d["source"][1]),
+            Digest(int(d["target"][0]), d["target"][1]),
+            list(d["source_sums"]),
+            list(d["target_sums"]),
+            Findings.from_dict(d["findings"]),
+        )
+
+
+class RangeLog(Protocol):
+    """Where a verification records its progress, so that a rerun can resume.
+
+    Each call commits on its own: after it returns, a crash keeps what it recorded.
+    """
+
+    def finished_table(self, table: TableId) -> tuple[TableResult, Reconciliation | None] | None:
+        """A table this run completed already (then it is not compared again)."""
+        ...
+
+    def plan(self, table: TableId) -> list[KeyRange] | None:
+        """The top-level ranges recorded for ``table``, or None."""
+        ...
+
+    def save_plan(self, table: TableId, ranges: Sequence[KeyRange]) -> None: ...
+
+    def done_ranges(self, table: TableId) -> dict[int, RangeOutcome]:
+        """Ranges of ``table`` already compared, by index into its plan."""
+        ...
+
+    def range_done(self, table: TableId, outcome: RangeOutcome) -> None: ...
+
+    def table_done(
+        self, table: TableId, result: TableResult, rec: Reconciliation | None
+    ) -> None: ...
+
 
 @dataclass
 class VerifyReport:
@@ -137,6 +388,9 @@ class VerifyReport:
     tables: list[TableResult]
     reconciliation: dict[TableId, Reconciliation]
     timings: dict[str, float]
+    run_id: str | None = None
+    #: Set when only some ranges were checked: reconciliation totals are then absent.
+    partial: bool = False
 
     @property
     def mismatches(self) -> dict[TableId, int]:
@@ -151,50 +405,27 @@ class VerifyReport:
         return {
             "level": self.level,
             "ok": self.ok,
+            "run_id": self.run_id,
+            "partial": self.partial,
             "mismatches": {str(t): n for t, n in self.mismatches.items()},
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
-            "tables": [
-                {
-                    "table": str(r.table),
-                    "ok": r.ok,
-                    "method": r.method,
-                    "key": list(r.key),
-                    "source_rows": r.source_rows,
-                    "target_rows": r.target_rows,
-                    "ranges": r.ranges,
-                    "differing_ranges": [
-                        {
-                            "lower": None if d.lower is None else list(d.lower),
-                            "upper": None if d.upper is None else list(d.upper),
-                            "bucket": d.bucket,
-                            "source_rows": d.source_rows,
-                            "target_rows": d.target_rows,
-                        }
-                        for d in r.differing_ranges
-                    ],
-                    "differing_rows": r.differing_rows,
-                    "source_only": r.source_only,
-                    "target_only": r.target_only,
-                    "changed": r.changed,
-                    "error": r.error,
-                    "notes": r.notes,
-                    "seconds": round(r.seconds, 4),
-                }
-                for r in self.tables
-            ],
+            "tables": [r.to_dict() for r in self.tables],
             "reconciliation": [
-                {
-                    "table": str(t),
-                    "ok": rec.ok,
-                    "source_rows": rec.source_rows,
-                    "target_rows": rec.target_rows,
-                    "source_sums": rec.source_sums,
-                    "target_sums": rec.target_sums,
-                    "differing_columns": rec.differing_columns,
-                }
-                for t, rec in self.reconciliation.items()
+                {"table": str(t), **rec.to_dict()} for t, rec in self.reconciliation.items()
             ],
         }
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Restricts a run: per table, the top-level ranges to use and which of them to check.
+
+    A table absent from ``only`` is checked whole. Ranges come from ``plans`` (e.g. an
+    earlier pass's), else they are sampled afresh.
+    """
+
+    plans: Mapping[TableId, Sequence[KeyRange]] = field(default_factory=dict)
+    only: Mapping[TableId, set[int]] = field(default_factory=dict)
 
 
 def verify_tables(
@@ -206,6 +437,10 @@ def verify_tables(
     workers: int = 2,
     state_schema: str = "cdcsync",
     max_keys: int = DEFAULT_MAX_KEYS,
+    progress: RangeLog | None = None,
+    scope: Scope | None = None,
+    range_bytes: int | None = None,
+    run_id: str | None = None,
 ) -> VerifyReport:
     """Compare ``tables`` on both sides at ``level``; records the result as metrics.
 
@@ -213,6 +448,9 @@ def verify_tables(
     Tables of ``state_schema`` are refused: cdcsync's own state differs by design.
     A table missing on the source is a usage error; anything else that differs —
     a table or column missing on the target included — is a mismatch in the report.
+    ``progress`` records each compared range (and resumes from what it holds);
+    ``scope`` restricts the run to chosen ranges; ``range_bytes`` overrides the size
+    of a top-level range.
     """
     if level not in LEVELS:
         raise ConfigError(f"verification level {level!r}: use one of {', '.join(LEVELS)}")
@@ -222,6 +460,58 @@ def verify_tables(
     workers = max(1, workers)
     started = time.monotonic()
     timings: dict[str, float] = {}
+    source, target = open_sides(source_dsn, target_dsn, workers)
+    timings["open_seconds"] = time.monotonic() - started
+    try:
+        checker = _Checker(
+            source,
+            target,
+            level,
+            workers,
+            max_keys,
+            progress=progress,
+            scope=scope,
+            range_bytes=range_bytes,
+        )
+        results = checker.run_scoped(list(dict.fromkeys(tables)))
+    finally:
+        source.close()
+        target.close()
+    timings["total_seconds"] = time.monotonic() - started
+    report = build_report(
+        level, results, timings, run_id=run_id, partial=bool(scope and scope.only)
+    )
+    metrics.record_verification(dict(report.mismatches.items()))
+    log.info(
+        "verification %s at level %s: %d table(s) in %.2fs",
+        "clean" if report.ok else "found differences",
+        level,
+        len(report.tables),
+        timings["total_seconds"],
+    )
+    return report
+
+
+def build_report(
+    level: str,
+    results: Sequence[tuple[TableResult, Reconciliation | None]],
+    timings: dict[str, float],
+    *,
+    run_id: str | None = None,
+    partial: bool = False,
+) -> VerifyReport:
+    return VerifyReport(
+        level=level,
+        tables=[r for r, _ in results],
+        reconciliation={r.table: rec for r, rec in results if rec is not None},
+        timings=timings,
+        run_id=run_id,
+        partial=partial,
+    )
+
+
+def open_sides(source_dsn: str, target_dsn: str, workers: int) -> tuple[_Side, _Side]:
+    """Both sides, each read at one instant, opened in parallel."""
     with ThreadPoolExecutor(1, thread_name_prefix="verify-open") as opener:
         target_future = opener.submit(_Side, "target", target_dsn, workers)
         try:
@@ -234,30 +524,7 @@ def verify_tables(
         except BaseException:
             source.close()
             raise
-    timings["open_seconds"] = time.monotonic() - started
-    try:
-        checker = _Checker(source, target, level, workers, max_keys)
-        results = checker.run(list(dict.fromkeys(tables)))
-    finally:
-        source.close()
-        target.close()
-    timings["total_seconds"] = time.monotonic() - started
-    report = VerifyReport(
-        level=level,
-        tables=[r for r, _ in results],
-        reconciliation={r.table: rec for r, rec in results},
-        timings=timings,
-    )
-    counted: dict[TableId | str, int] = dict(report.mismatches.items())
-    metrics.record_verification(counted)
-    log.info(
-        "verification %s at level %s: %d table(s) in %.2fs",
-        "clean" if report.ok else "found differences",
-        level,
-        len(report.tables),
-        timings["total_seconds"],
-    )
-    return report
+    return source, target
 
 
 def _close_when_open(future: Future[_Side]) -> None:
@@ -316,9 +583,19 @@ class _Side:
         return self._pool.submit(run)
 
     def query(
-        self, statement: sql.Composed, params: Sequence[Any] | None = None
+        self, statement: sql.Composed | sql.SQL, params: Sequence[Any] | None = None
     ) -> Future[list[Any]]:
         return self.submit(lambda conn: conn.execute(statement, params).fetchall())
+
+    def snapshot_xids(self) -> tuple[int, int]:
+        """(xmin, xmax) of the snapshot this side reads, as 64-bit transaction ids."""
+        rows = self.query(
+            sql.SQL(
+                "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint "
+                "FROM pg_current_snapshot() s"
+            )
+        ).result()
+        return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -342,6 +619,8 @@ class _Shape:
     key: tuple[str, ...] = ()
     blocks: int = 0  # heap blocks, for sampling
     bytes: int = 0  # heap and TOAST, for sizing ranges
+    base: dict[str, str] = field(default_factory=dict)  # name → base type (domains resolved)
+    deterministic: dict[str, bool] = field(default_factory=dict)  # name → collation
 
 
 def _shape(conn: psycopg.Connection[Any], table: TableId) -> _Shape:
@@ -355,8 +634,10 @@ def _shape(conn: psycopg.Connection[Any], table: TableId) -> _Shape:
     oid, kind = int(row[0]), str(row[1])
     cols = conn.execute(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
-        "(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END) = ANY(%s::regtype[]) "
+        "b.typname::text = ANY(%s), b.typname::text, coalesce(co.collisdeterministic, true) "
         "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END "
+        "LEFT JOIN pg_collation co ON co.oid = a.attcollation "
         "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
         (list(NUMERIC_TYPES), oid),
     ).fetchall()
@@ -377,27 +658,99 @@ def _shape(conn: psycopg.Connection[Any], table: TableId) -> _Shape:
     return _Shape(
         True,
         kind,
-        {str(n): str(t) for n, t, _ in cols},
-        tuple(str(n) for n, _, numeric in cols if numeric),
+        {str(n): str(t) for n, t, *_ in cols},
+        tuple(str(n) for n, _, numeric, *_ in cols if numeric),
         tuple(str(r[0]) for r in key),
         int(size[0]) if size else 0,
         int(size[1]) if size else 0,
+        {str(c[0]): str(c[3]) for c in cols},
+        {str(c[0]): bool(c[4]) for c in cols},
     )
+
+
+def row_hash(src: _Shape, tgt: _Shape) -> sql.Composable:
+    """The per-row hash (see the module docstring), the same expression on both sides.
+
+    A column is hashed natively only when both sides declare the same type and its hash
+    equates exactly the values that print the same; otherwise its text is hashed, so
+    e.g. an int4 column against an int8 one compares by value as text.
+    """
+    parts: list[sql.Composable] = []
+    for col, typ in src.columns.items():
+        ident = sql.Identifier(col)
+        base = src.base.get(col, "")
+        same = tgt.columns.get(col) == typ and tgt.base.get(col) == base
+        deterministic = src.deterministic.get(col, True) and tgt.deterministic.get(col, True)
+        if same and base in NATIVE_HASH_TYPES and (base not in _COLLATED or deterministic):
+            parts.append(ident)
+        elif same and base == "numeric":
+            parts.append(sql.SQL("{}, scale({})").format(ident, ident))
+        else:
+            parts.append(sql.SQL('{}::text COLLATE "C"').format(ident))
+    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts))
+
+
+def _sum_expr(column: str, base: str) -> sql.Composable:
+    ident = sql.Identifier(column)
+    if base in EXACT_SUM_TYPES:
+        return sql.SQL("sum({})::text").format(ident)
+    return sql.SQL("sum({}::numeric)::text").format(ident)
+
+
+@dataclass
+class _Table:
+    """One keyed table's comparison inputs, decided once from both sides' shapes.
+
+    This is the one place a column mapping (renames, casts, dropped or added columns)
+    would enter: today both sides share the table's name, columns and row hash; a
+    mapping would give the target its own name and hash expression here, and the
+    queries built from it would follow.
+    """
+
+    table: TableId
+    columns: list[str]
+    key: tuple[str, ...]
+    numeric: tuple[str, ...]
+    base: dict[str, str]
+    hash: sql.Composable
 
 
 class _Checker:
     """Verifies tables over two :class:`_Side` s; one coordinating thread per table."""
 
     def __init__(
-        self, source: _Side, target: _Side, level: Level, workers: int, max_keys: int
+        self,
+        source: _Side,
+        target: _Side,
+        level: Level,
+        workers: int,
+        max_keys: int,
+        *,
+        progress: RangeLog | None = None,
+        scope: Scope | None = None,
+        range_bytes: int | None = None,
     ) -> None:
         self.source = source
         self.target = target
         self.level = level
         self.workers = workers
         self.max_keys = max_keys
+        self.progress = progress
+        self.scope = scope or Scope()
+        self.range_bytes = range_bytes
+        self._lock = threading.Lock()
 
     def run(self, tables: list[TableId]) -> list[tuple[TableResult, Reconciliation]]:
+        if not tables:
+            return []
+        threads = min(len(tables), max(4, 2 * self.workers))
+        with ThreadPoolExecutor(threads, thread_name_prefix="verify-table") as pool:
+            out = list(pool.map(self.table, tables))
+        # A restricted table has no totals; callers of a whole run always get them.
+        return [(r, rec if rec is not None else Reconciliation()) for r, rec in out]
+
+    def run_scoped(self, tables: list[TableId]) -> list[tuple[TableResult, Reconciliation | None]]:
+        """Like :meth:`run`, with None as the totals of tables checked only in part."""
         if not tables:
             return []
         threads = min(len(tables), max(4, 2 * self.workers))
@@ -405,16 +758,20 @@ class _Checker:
             return list(pool.map(self.table, tables))
 
     def both(
-        self, statement: sql.Composed, params: Sequence[Any] | None = None
+        self, statement: sql.Composed | sql.SQL, params: Sequence[Any] | None = None
     ) -> tuple[list[Any], list[Any]]:
         """The same query on both sides at once."""
         s, t = self.source.query(statement, params), self.target.query(statement, params)
         return s.result(), t.result()
 
-    def table(self, table: TableId) -> tuple[TableResult, Reconciliation]:
+    def table(self, table: TableId) -> tuple[TableResult, Reconciliation | None]:
+        if self.progress is not None:
+            finished = self.progress.finished_table(table)
+            if finished is not None:
+                return finished
         started = time.monotonic()
         result = TableResult(table, self.level)
-        rec = Reconciliation()
+        rec: Reconciliation | None = Reconciliation()
         s_future = self.source.submit(lambda c: _shape(c, table))
         t_future = self.target.submit(lambda c: _shape(c, table))
         src, tgt = s_future.result(), t_future.result()
@@ -432,17 +789,23 @@ class _Checker:
             extra = [c for c in tgt.columns if c not in src.columns]
             if extra:
                 result.notes.append(f"not compared, only on the target: {', '.join(extra)}")
-        if result.error is not None:
-            result.seconds = time.monotonic() - started
-            return result, rec
-        result.key = src.key
-        if self.level == "counts":
-            self._counts(table, result, rec)
-        elif src.key:
-            self._keyed(table, src, result, rec)
-        else:
-            self._keyless(table, src, result, rec)
+        if result.error is None:
+            result.key = src.key
+            if self.level == "counts":
+                rec = Reconciliation()
+                self._counts(table, result, rec)
+            elif src.key:
+                spec = _Table(
+                    table, list(src.columns), src.key, src.numeric, src.base, row_hash(src, tgt)
+                )
+                if table in self.scope.only:
+                    rec = None
+                self._keyed(spec, src, result, rec)
+            else:
+                self._keyless(table, src, result, rec)
         result.seconds = time.monotonic() - started
+        if self.progress is not None:
+            self.progress.table_done(table, result, rec)
         return result, rec
 
     # counts -------------------------------------------------------------------------
@@ -456,14 +819,19 @@ class _Checker:
 
     # tables with a primary key ------------------------------------------------------
 
-    def _keyed(
-        self, table: TableId, shape: _Shape, result: TableResult, rec: Reconciliation
-    ) -> None:
-        result.method = "key ranges"
-        key = shape.key
-        pieces = vr.range_count(shape.bytes, self.workers)
+    def _plan(self, spec: _Table, shape: _Shape) -> list[KeyRange]:
+        """Top-level ranges: given by the scope, recorded by an interrupted run, or sampled."""
+        given = self.scope.plans.get(spec.table)
+        if given is not None:
+            return list(given)
+        if self.progress is not None:
+            recorded = self.progress.plan(spec.table)
+            if recorded is not None:
+                return recorded
+        pieces = vr.range_count(shape.bytes, self.workers, self.range_bytes)
         boundaries: list[Bound] = []
         if pieces > 1:
+            key = spec.key
             sample = self.source.query(
                 sql.SQL(
                     "SELECT {} FROM (SELECT {} FROM {} TABLESAMPLE SYSTEM ({}) REPEATABLE (7)) s "
@@ -471,122 +839,150 @@ class _Checker:
                 ).format(
                     _texts("s", key),
                     _cols(key),
-                    _ident(table),
+                    _ident(spec.table),
                     sql.Literal(vr.sample_percent(shape.blocks, pieces)),
                     sql.SQL(", ").join(sql.Identifier("s", k) for k in key),
                 )
             ).result()
             boundaries = vr.quantile_boundaries([tuple(str(v) for v in r) for r in sample], pieces)
         ranges = vr.split(KeyRange(None, None), boundaries)
+        if self.progress is not None:
+            self.progress.save_plan(spec.table, ranges)
+        return ranges
+
+    def _keyed(
+        self, spec: _Table, shape: _Shape, result: TableResult, rec: Reconciliation | None
+    ) -> None:
+        result.method = "key ranges"
+        ranges = self._plan(spec, shape)
+        result.plan = ranges
         result.ranges = len(ranges)
-        columns = list(shape.columns)
-        s_parts, t_parts = self._range_digests(table, columns, key, shape.numeric, ranges)
-        s_digests = [p[0] for p in s_parts]
-        t_digests = [p[0] for p in t_parts]
-        result.source_rows = sum(d.rows for d in s_digests)
-        result.target_rows = sum(d.rows for d in t_digests)
-        rec.source_rows, rec.target_rows = result.source_rows, result.target_rows
-        for i, col in enumerate(shape.numeric):
-            rec.source_sums[col] = vr.add_sums(p[1][i] for p in s_parts)
-            rec.target_sums[col] = vr.add_sums(p[1][i] for p in t_parts)
-        for i in vr.differing(s_digests, t_digests):
-            rng = ranges[i]
-            result.differing_ranges.append(
-                RangeResult(rng.lower, rng.upper, s_digests[i].rows, t_digests[i].rows)
-            )
-            if self.level == "rows":
-                self._drill(table, columns, key, rng, s_digests[i], t_digests[i], result)
+        only = self.scope.only.get(spec.table)
+        wanted = [i for i in range(len(ranges)) if only is None or i in only]
+        done = self.progress.done_ranges(spec.table) if self.progress is not None else {}
+        wanted_set = set(wanted)
+        done = {i: o for i, o in done.items() if i in wanted_set}
+        result.resumed_ranges = len(done)
+        todo = [i for i in wanted if i not in done]
+        numeric = spec.numeric if rec is not None else ()
+        outcomes: dict[int, RangeOutcome] = dict(done)
+        parts = self._range_digests(spec, numeric, [ranges[i] for i in todo])
+        # Results come back range by range as both sides finish; each is recorded (and
+        # drilled into) as soon as it is known, so an interruption loses little.
+        for i, (s, s_sums, t, t_sums) in zip(todo, parts, strict=True):
+            found = Findings()
+            if s != t and self.level == "rows":
+                self._drill(spec, ranges[i], s, t, found)
+            outcome = RangeOutcome(i, s, t, s_sums, t_sums, found)
+            if self.progress is not None:
+                self.progress.range_done(spec.table, outcome)
+            outcomes[i] = outcome
+        result.checked = sorted(outcomes)
+        ordered = [outcomes[i] for i in result.checked]
+        result.source_rows = sum(o.source.rows for o in ordered)
+        result.target_rows = sum(o.target.rows for o in ordered)
+        if rec is not None:
+            rec.source_rows, rec.target_rows = result.source_rows, result.target_rows
+            for n, col in enumerate(numeric):
+                rec.source_sums[col] = vr.add_sums(o.source_sums[n] for o in ordered)
+                rec.target_sums[col] = vr.add_sums(o.target_sums[n] for o in ordered)
+        for o in ordered:
+            if o.source != o.target:
+                rng = ranges[o.index]
+                result.differing_ranges.append(
+                    RangeResult(rng.lower, rng.upper, o.source.rows, o.target.rows)
+                )
+                result.add(o.findings, self.max_keys)
+                if self.level != "rows":
+                    result.leaves.append(rng)
 
     def _range_digests(
-        self,
-        table: TableId,
-        columns: Sequence[str],
-        key: Sequence[str],
-        numeric: Sequence[str],
-        ranges: Sequence[KeyRange],
-    ) -> tuple[list[tuple[Digest, list[str | None]]], list[tuple[Digest, list[str | None]]]]:
-        """Per range and side: count, digest, and the numeric columns' sums."""
-        sums = [sql.SQL("sum({}::numeric)::text").format(sql.Identifier(c)) for c in numeric]
-        select = sql.SQL(", ").join(
-            [
-                sql.SQL("count(*)"),
-                # Row texts are unambiguous (composite output quotes newlines), so one
-                # md5 over their concatenation is exact and twice as fast as one per row.
-                sql.SQL("md5(string_agg({}::text, E'\\n' ORDER BY {}))").format(
-                    _row(columns), _cols(key)
-                ),
-                *sums,
-            ]
-        )
+        self, spec: _Table, numeric: Sequence[str], ranges: Sequence[KeyRange]
+    ) -> Any:
+        """Per range, as each completes: (source digest, sums, target digest, sums)."""
+        inner: list[sql.Composable] = [sql.SQL("{} AS h").format(spec.hash)]
+        inner += [
+            sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"n{i}"))
+            for i, c in enumerate(numeric)
+        ]
+        outer: list[sql.Composable] = [
+            sql.SQL("count(*)"),
+            sql.SQL("bit_xor(h)::text || ':' || sum(h)::text"),
+        ]
+        outer += [_sum_expr(f"n{i}", spec.base.get(c, "")) for i, c in enumerate(numeric)]
         futures = []
         for rng in ranges:
-            where = vr.range_predicate(key, rng)
-            statement = sql.SQL("SELECT {} FROM {}{}").format(
-                select,
-                _ident(table),
+            where = vr.range_predicate(spec.key, rng)
+            # OFFSET 0 keeps the planner from inlining the hash into each aggregate.
+            statement = sql.SQL("SELECT {} FROM (SELECT {} FROM {}{} OFFSET 0) s").format(
+                sql.SQL(", ").join(outer),
+                sql.SQL(", ").join(inner),
+                _ident(spec.table),
                 sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where),
             )
             futures.append((self.source.query(statement), self.target.query(statement)))
 
         def parse(rows: list[Any]) -> tuple[Digest, list[str | None]]:
             r = rows[0]
-            return Digest(int(r[0]), r[1]), [None if v is None else str(v) for v in r[2:]]
+            n = int(r[0])
+            return Digest(n, r[1] if n else None), [None if v is None else str(v) for v in r[2:]]
 
-        return (
-            [parse(s.result()) for s, _ in futures],
-            [parse(t.result()) for _, t in futures],
-        )
+        for s, t in futures:
+            sd, ss = parse(s.result())
+            td, ts = parse(t.result())
+            yield sd, ss, td, ts
 
-    def _drill(
-        self,
-        table: TableId,
-        columns: Sequence[str],
-        key: Sequence[str],
-        rng: KeyRange,
-        s: Digest,
-        t: Digest,
-        result: TableResult,
-    ) -> None:
+    def _drill(self, spec: _Table, rng: KeyRange, s: Digest, t: Digest, found: Findings) -> None:
         """Narrow a differing range down to its differing keys."""
+        table, key = spec.table, spec.key
         where = vr.range_predicate(key, rng)
         where_sql = sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where)
         if s.rows == 0 or t.rows == 0:
             # One side is empty here: every row of the other differs; list the first few.
             side, out = (
-                (self.source, result.source_only)
+                (self.source, found.source_only)
                 if t.rows == 0
-                else (
-                    self.target,
-                    result.target_only,
-                )
+                else (self.target, found.target_only)
             )
-            result.differing_rows += s.rows + t.rows
-            room = self.max_keys - len(out)
-            if room > 0:
-                rows = side.query(
-                    sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {}").format(
-                        _texts(None, key), _ident(table), where_sql, _cols(key), sql.Literal(room)
-                    )
-                ).result()
-                out.extend(_key_dict(key, tuple(str(v) for v in r)) for r in rows)
+            found.differing_rows += s.rows + t.rows
+            found.leaves.append(rng)
+            room = max(self.max_keys, MAX_TRACKED_ROWS - len(found.hashes))
+            rows = side.query(
+                sql.SQL("SELECT {}, {}::text FROM {}{} ORDER BY {} LIMIT {}").format(
+                    _texts(None, key),
+                    spec.hash,
+                    _ident(table),
+                    where_sql,
+                    _cols(key),
+                    sql.Literal(room),
+                )
+            ).result()
+            for r in rows:
+                k = tuple(str(v) for v in r[:-1])
+                if len(out) < self.max_keys:
+                    out.append(_key_dict(key, k))
+                found.hashes[k] = (str(r[-1]), None) if t.rows == 0 else (None, str(r[-1]))
             return
         if max(s.rows, t.rows) <= vr.LEAF_ROWS:
-            statement = sql.SQL("SELECT {}, md5({}::text) FROM {}{}").format(
-                _texts(None, key), _row(columns), _ident(table), where_sql
+            statement = sql.SQL("SELECT {}, {}::text FROM {}{}").format(
+                _texts(None, key), spec.hash, _ident(table), where_sql
             )
             s_rows, t_rows = self.both(statement)
-            diff = vr.diff_rows(
-                {tuple(str(v) for v in r[:-1]): str(r[-1]) for r in s_rows},
-                {tuple(str(v) for v in r[:-1]): str(r[-1]) for r in t_rows},
-            )
-            result.differing_rows += diff.total
+            s_map = {tuple(str(v) for v in r[:-1]): str(r[-1]) for r in s_rows}
+            t_map = {tuple(str(v) for v in r[:-1]): str(r[-1]) for r in t_rows}
+            diff = vr.diff_rows(s_map, t_map)
+            found.differing_rows += diff.total
+            found.leaves.append(rng)
             for keys, out in (
-                (diff.source_only, result.source_only),
-                (diff.target_only, result.target_only),
-                (diff.changed, result.changed),
+                (diff.source_only, found.source_only),
+                (diff.target_only, found.target_only),
+                (diff.changed, found.changed),
             ):
                 room = self.max_keys - len(out)
                 out.extend(_key_dict(key, k) for k in keys[: max(room, 0)])
+                for k in keys:
+                    if len(found.hashes) < MAX_TRACKED_ROWS:
+                        found.hashes[k] = (s_map.get(k), t_map.get(k))
             return
         bigger = self.source if s.rows >= t.rows else self.target
         step = vr.subrange_step(max(s.rows, t.rows))
@@ -607,17 +1003,20 @@ class _Checker:
         if not boundaries:  # cannot happen with more rows than a leaf; never loop
             raise RuntimeError(f"no sub-boundaries in a differing range of {table}")
         subranges = vr.split(rng, boundaries)
-        s_parts, t_parts = self._range_digests(table, columns, key, (), subranges)
-        for i in vr.differing([p[0] for p in s_parts], [p[0] for p in t_parts]):
-            self._drill(table, columns, key, subranges[i], s_parts[i][0], t_parts[i][0], result)
+        for sub, (sd, _, td, _) in zip(
+            subranges, list(self._range_digests(spec, (), subranges)), strict=True
+        ):
+            if sd != td:
+                self._drill(spec, sub, sd, td, found)
 
     # tables without a primary key ---------------------------------------------------
 
     def _keyless(
-        self, table: TableId, shape: _Shape, result: TableResult, rec: Reconciliation
+        self, table: TableId, shape: _Shape, result: TableResult, rec: Reconciliation | None
     ) -> None:
         """Rows as a multiset: 256 buckets by the first byte of each row's digest."""
         result.method = "row-digest buckets"
+        rec = rec if rec is not None else Reconciliation()
         columns = list(shape.columns)
         inner = sql.SQL("SELECT md5({}::text) AS h{} FROM {}").format(
             _row(columns),
@@ -674,6 +1073,12 @@ class _Checker:
         for extra, out in ((s_extra, result.source_only), (t_extra, result.target_only)):
             for h in sorted(extra, key=lambda h: text[h])[: self.max_keys]:
                 out.append({"row": text[h], "copies": str(extra[h])})
+        for h in (*s_extra, *t_extra):
+            if len(result.hashes) < MAX_TRACKED_ROWS:
+                result.hashes[(h,)] = (
+                    f"{h}x{s_extra.get(h, 0)}" if h in s_extra else None,
+                    f"{h}x{t_extra.get(h, 0)}" if h in t_extra else None,
+                )
 
 
 def _ident(table: TableId) -> sql.Identifier:
@@ -698,3 +1103,18 @@ def _texts(alias: str | None, columns: Sequence[str]) -> sql.Composable:
 
 def _key_dict(key: Sequence[str], values: Bound) -> dict[str, str]:
     return dict(zip(key, values, strict=True))
+
+
+def _bound(value: Any) -> Bound | None:
+    return None if value is None else tuple(str(v) for v in value)
+
+
+def _range_doc(rng: KeyRange) -> list[list[str] | None]:
+    return [
+        None if rng.lower is None else list(rng.lower),
+        None if rng.upper is None else list(rng.upper),
+    ]
+
+
+def _range_of(doc: Sequence[Any]) -> KeyRange:
+    return KeyRange(_bound(doc[0]), _bound(doc[1]))

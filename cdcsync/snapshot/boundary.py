@@ -17,7 +17,7 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,16 +47,24 @@ class SlotInfo:
 
 
 def create_publication(
-    conn: psycopg.Connection[Any], name: str, tables: Iterable[tuple[TableId, bool]]
+    conn: psycopg.Connection[Any],
+    name: str,
+    tables: Iterable[tuple[TableId, bool]],
+    row_filters: Mapping[TableId, str] | None = None,
 ) -> None:
     """cdcsync's own filtered publication; partitioned tables stream as their root.
 
     ``tables`` pairs each table with whether it is partitioned: plain tables are named
     with ONLY so inheritance children are not pulled in behind the operator's back.
+    ``row_filters`` are the plan's (operator-written SQL): PostgreSQL then sends an
+    update that moves a row into or out of the filter as an insert or a delete.
     """
+    filters = row_filters or {}
     items = [
-        sql.SQL("{}{}").format(
-            sql.SQL("" if partitioned else "ONLY "), sql.Identifier(t.schema, t.name)
+        sql.SQL("{}{}{}").format(
+            sql.SQL("" if partitioned else "ONLY "),
+            sql.Identifier(t.schema, t.name),
+            sql.SQL(" WHERE ({})").format(sql.SQL(filters[t])) if t in filters else sql.SQL(""),
         )
         for t, partitioned in tables
     ]

@@ -215,13 +215,24 @@ def where_clause(chunk: Chunk, key_columns: Sequence[str]) -> sql.Composable | N
 
 
 def copy_out_query(
-    chunk: Chunk, columns: Sequence[str], key_columns: Sequence[str], binary: bool
+    chunk: Chunk,
+    columns: Sequence[str],
+    key_columns: Sequence[str],
+    binary: bool,
+    row_filter: str | None = None,
 ) -> sql.Composed:
-    """``COPY … TO STDOUT`` for the chunk (only the heap itself, never its children)."""
+    """``COPY … TO STDOUT`` for the chunk (only the heap itself, never its children).
+
+    ``row_filter`` is the plan's filter for the table (operator-written SQL, the same
+    expression as the publication's row filter).
+    """
     fmt = sql.SQL("binary" if binary else "text")
     cols = sql.SQL(", ").join(map(sql.Identifier, columns))
     rel = sql.Identifier(chunk.source.schema, chunk.source.name)
-    where = where_clause(chunk, key_columns)
+    where: sql.Composable | None = where_clause(chunk, key_columns)
+    if row_filter:
+        planned = sql.SQL("({})").format(sql.SQL(row_filter))
+        where = planned if where is None else sql.SQL("{} AND {}").format(where, planned)
     if where is None:
         # COPY of a plain table never includes its inheritance children.
         return sql.SQL("COPY {} ({}) TO STDOUT (FORMAT {})").format(rel, cols, fmt)

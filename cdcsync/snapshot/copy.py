@@ -58,6 +58,7 @@ class TableCopy:
     columns: tuple[str, ...]
     key: tuple[str, ...]
     binary: bool
+    row_filter: str | None = None  # the plan's filter
 
 
 @dataclass
@@ -287,7 +288,7 @@ def copy_chunk(
                 "CLUSTER, TRUNCATE or a rewriting ALTER TABLE), so its block ranges no longer "
                 "hold the same rows: run cdcsync snapshot again (it starts over)"
             )
-    out_sql = copy_out_query(chunk, how.columns, how.key, how.binary).as_bytes(src)
+    out_sql = copy_out_query(chunk, how.columns, how.key, how.binary, how.row_filter).as_bytes(src)
     in_sql = copy_in_query(how.table, how.columns, how.binary).as_bytes(tgt)
     record = sql.Identifier(state_schema, "snapshot_chunk")
     try:

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from cdcsync.adapters import fence
 from cdcsync.adapters.pg import connect
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import Settings
+from cdcsync.core import plan as plan_mod
 from cdcsync.core.events import TableId
 from cdcsync.errors import ConfigError, PreconditionError
 from cdcsync.snapshot import (
@@ -139,6 +141,46 @@ def run_snapshot(
     return run.execute()
 
 
+def plan_problems(
+    source: psycopg.Connection[Any], plan: plan_mod.Plan, infos: Sequence[TableInfo]
+) -> list[str]:
+    """What in ``plan`` does not fit the source's tables (filters checked by PostgreSQL)."""
+    if plan is plan_mod.EMPTY:
+        return []
+    columns = {i.table: tuple(c.name for c in i.columns) for i in infos}
+    keys = {i.table: i.primary_key for i in infos}
+    excluded = {t for t, p in plan.tables.items() if not p.include}
+    problems = plan_mod.validate_against(
+        plan_mod.Plan({t: p for t, p in plan.tables.items() if t not in excluded}),
+        columns,
+        keys,
+    )
+    for table, row_filter in plan.filters().items():
+        if table not in columns:
+            continue
+        rel = sql.Identifier(table.schema, table.name)
+        row = source.execute(
+            "SELECT relreplident FROM pg_class WHERE oid = %s::regclass",
+            (rel.as_string(source),),
+        ).fetchone()
+        if row is None or row[0] != "f":
+            problems.append(
+                f"plan: {table} has a row filter, so its updates and deletes must carry "
+                "every column the filter may read: run ALTER TABLE "
+                f"{rel.as_string(source)} REPLICA IDENTITY FULL on the source (else "
+                "PostgreSQL refuses the source's own updates of the table)"
+            )
+        try:
+            with source.transaction():
+                source.execute(
+                    sql.SQL("SELECT 1 FROM {} WHERE ({}) LIMIT 0").format(rel, sql.SQL(row_filter))
+                )
+        except psycopg.Error as exc:
+            problems.append(f"plan: the filter of {table} fails on the source: {exc}")
+    source.rollback()
+    return problems
+
+
 class _Run:
     def __init__(
         self,
@@ -161,6 +203,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.started = time.monotonic()
         self.holder: boundary.Holder | None = None
+        self.plan = plan_mod.load(settings.plan) if settings.plan else plan_mod.EMPTY
 
     # ------------------------------------------------------------------ driver
     def execute(self) -> SnapshotResult:
@@ -198,6 +241,8 @@ class _Run:
         row = source.execute("SELECT current_database()").fetchone()
         source.rollback()
         inputs = st.fingerprint_inputs(s, str(row[0]) if row else "")
+        if self.plan is not plan_mod.EMPTY:
+            inputs["plan"] = self.plan.fingerprint()  # a changed plan needs a new snapshot
         fingerprint = st.fingerprint(inputs)
         if found is not None and found.fingerprint and found.fingerprint != fingerprint:
             before = found.data.get("fingerprint_inputs", {})
@@ -219,8 +264,14 @@ class _Run:
         if found is not None and found.step == st.STEP_COPY and self._alive(source, found):
             return self._resume_copy(source, target, found)
 
-        tables = catalog.list_tables(source, s)
+        tables = self.plan.included(catalog.list_tables(source, s))
         infos = catalog.describe(source, tables)
+        plan_problems = self._plan_problems(source, infos)
+        if plan_problems:
+            raise PreconditionError(
+                "the plan does not fit the source, nothing was changed:\n  - "
+                + "\n  - ".join(plan_problems)
+            )
         ours = preflight.Ownership(
             slot=bool(found and found.data.get("created_slot")),
             publication=bool(found and found.data.get("created_publication")),
@@ -284,6 +335,7 @@ class _Run:
             fingerprint_inputs=inputs,
             created_slot=False,
             created_publication=False,
+            plan=self._plan_summary(tables),
         )
         t = time.monotonic()
         if facts.target_present:
@@ -317,7 +369,10 @@ class _Run:
         )
         with psycopg.connect(self.source_dsn, autocommit=True) as ddl:
             boundary.create_publication(
-                ddl, s.publication_name, [(i.table, i.partitioned) for i in infos]
+                ddl,
+                s.publication_name,
+                [(i.table, i.partitioned) for i in infos],
+                self.plan.filters(),
             )
 
             def waiting(seconds: float) -> None:
@@ -378,6 +433,40 @@ class _Run:
         self.holder = None
         st.write(target, s, st.PHASE_SNAPSHOT, step=st.STEP_POST_DATA)
         return self._finish(source, target, tables, infos, how=how)
+
+    def _plan_summary(self, tables: list[TableId]) -> dict[str, Any] | None:
+        """What the report shows of the plan the snapshot was taken under."""
+        if self.plan is plan_mod.EMPTY:
+            return None
+        return {
+            "file": str(self.settings.plan),
+            "fingerprint": self.plan.fingerprint(),
+            "tables": len(tables),
+            "excluded": sorted(str(t) for t, p in self.plan.tables.items() if not p.include),
+            "filtered": sorted(str(t) for t in self.plan.filters()),
+            "mapped": sorted(
+                str(t) for t, p in self.plan.tables.items() if p.include and p.maps_columns
+            ),
+        }
+
+    def _plan_problems(
+        self, source: psycopg.Connection[Any], infos: Sequence[TableInfo]
+    ) -> list[str]:
+        return plan_problems(source, self.plan, infos)
+
+    def _apply_plan(self, target: psycopg.Connection[Any], tables: list[TableId]) -> None:
+        """The plan's columns on the target, in one transaction with the record of it."""
+        s = self.settings
+        found = st.read(target, s)
+        target.rollback()
+        if found is not None and found.data.get("plan_applied"):
+            return
+        statements = [stmt for t in tables for stmt in self.plan.table(t).ddl()]
+        with target.transaction():
+            for stmt in statements:
+                log.info("plan: %s", stmt.as_string(target))
+                target.execute(stmt)
+            st.write(target, s, st.PHASE_SNAPSHOT, step=st.STEP_POST_DATA, plan_applied=True)
 
     def _alive(self, source: psycopg.Connection[Any], found: st.State) -> bool:
         """Whether an interrupted copy can go on under its own exported snapshot."""
@@ -470,6 +559,7 @@ class _Run:
             tuple(c.name for c in info.columns),
             info.primary_key,
             binary=info.binary and same,
+            row_filter=self.plan.table(info.table).filter,
         )
 
     def _finish(
@@ -493,6 +583,9 @@ class _Run:
         script = schema_copy.parse(schema_copy.dump(self.source_dsn, "post-data", selection))
         post = postdata.copy_post_data(self.target_dsn, script, s.workers, selection.keep)
         self.timings["post_data"] = time.monotonic() - t
+        t = time.monotonic()
+        self._apply_plan(target, tables)
+        self.timings["plan"] = time.monotonic() - t
         t = time.monotonic()
         fence.install(target, tables, s.migration_id, schema=s.state_schema)
         self.timings["fence"] = time.monotonic() - t
@@ -550,10 +643,14 @@ class _Run:
     def _selection(
         self, source: psycopg.Connection[Any], infos: Sequence[TableInfo]
     ) -> schema_copy.Selection:
+        excluded = any(not p.include for p in self.plan.tables.values())
         return schema_copy.selection_for(
             source,
             schemas=self.settings.schemas,
-            tables=self.settings.tables,
+            # Tables the plan leaves out are left out of the schema too.
+            tables=[f"{i.table.schema}.{i.table.name}" for i in infos]
+            if excluded
+            else self.settings.tables,
             infos=infos,
             state_schema=self.settings.state_schema,
         )

@@ -39,6 +39,14 @@ JVM_PROJECTS = {
     "plugins/debezium-connector-postgres": "debezium-postgres",
     "plugins/debezium-connector-jdbc": "debezium-jdbc",
 }
+#: Resolved beside the others but outside their cache key, each with a marker holding its
+#: own POM's hash: adding one does not re-resolve every stack's jars.
+EXTRA_JVM_PROJECTS = {
+    # Apicurio's Avro converter, for connectors that publish Avro through a registry.
+    "plugins/apicurio-converter": "apicurio-converter",
+}
+#: The schema registry, built into a runnable application on first use only.
+REGISTRY_PROJECT = "apicurio-registry"
 _MAVEN_DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 
 
@@ -122,32 +130,104 @@ def resolve_jars() -> tuple[Path, InstallReport]:
     target = jar_cache_dir()
     done_marker = target / ".complete"
     if done_marker.exists():
-        return target, InstallReport([], time.monotonic() - started)
+        extra = resolve_extra_jars(target)
+        return target, InstallReport(extra, time.monotonic() - started)
     mvn = find_command("mvn")
     if mvn is None:
         raise StackError("missing mvn: install the Debian package maven")
     root = repo_root() / "connectors" / "jvm"
     resolved: list[str] = []
     for folder, project in JVM_PROJECTS.items():
-        out = target / folder
-        if out.exists():
-            shutil.rmtree(out)
-        procs.run(
-            [
-                mvn,
-                "-B",
-                "-q",
-                "-f",
-                str(root / project / "pom.xml"),
-                f"{_MAVEN_DEPENDENCY_PLUGIN}:copy-dependencies",
-                "-DincludeScope=runtime",
-                f"-DoutputDirectory={out}",
-            ],
-            what=f"resolving jars for {project}",
-            timeout=1200,
-        )
-        if not any(out.glob("*.jar")):
-            raise StackError(f"resolving jars for {project}: no jar was copied to {out}")
+        _copy_dependencies(mvn, root / project / "pom.xml", target / folder, project)
         resolved.append(project)
     done_marker.write_text("ok\n")
+    resolved.extend(resolve_extra_jars(target))
     return target, InstallReport(resolved, time.monotonic() - started)
+
+
+def _copy_dependencies(mvn: str, pom: Path, out: Path, project: str) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    procs.run(
+        [
+            mvn,
+            "-B",
+            "-q",
+            "-f",
+            str(pom),
+            f"{_MAVEN_DEPENDENCY_PLUGIN}:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={out}",
+        ],
+        what=f"resolving jars for {project}",
+        timeout=1200,
+    )
+    if not any(out.glob("*.jar")):
+        raise StackError(f"resolving jars for {project}: no jar was copied to {out}")
+
+
+def _tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_extra_jars(target: Path) -> list[str]:
+    """Resolve :data:`EXTRA_JVM_PROJECTS` into ``target``, each again only if its POM changed.
+
+    Several stacks share ``target``: a folder is filled under a private name and renamed
+    into place, so a Connect worker starting meanwhile sees it whole or not at all.
+    """
+    root = repo_root() / "connectors" / "jvm"
+    resolved: list[str] = []
+    for folder, project in EXTRA_JVM_PROJECTS.items():
+        pom = root / project / "pom.xml"
+        out = target / folder
+        marker = target / f".complete-{project}"
+        digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:16]
+        if marker.exists() and marker.read_text().strip() == digest and out.exists():
+            continue
+        mvn = find_command("mvn")
+        if mvn is None:
+            raise StackError("missing mvn: install the Debian package maven")
+        scratch = target / f".tmp-{project}-{os.getpid()}"
+        _copy_dependencies(mvn, pom, scratch, project)
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        scratch.rename(out)
+        marker.write_text(digest + "\n")
+        resolved.append(project)
+    return resolved
+
+
+def build_registry() -> tuple[Path, InstallReport]:
+    """Build the schema registry application once; return its runnable jar.
+
+    The Maven project under ``connectors/jvm/apicurio-registry`` is copied to the cache
+    (the source tree stays clean) and packaged there, keyed by the project's content.
+    """
+    import time
+
+    started = time.monotonic()
+    source = repo_root() / "connectors" / "jvm" / REGISTRY_PROJECT
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    build = cache / "cdcsync" / "jvm" / f"{REGISTRY_PROJECT}-{_tree_digest(source)}"
+    runner = build / "target" / "apicurio-registry-local-1-runner.jar"
+    if (build / ".complete").exists() and runner.exists():
+        return runner, InstallReport([], time.monotonic() - started)
+    mvn = find_command("mvn")
+    if mvn is None:
+        raise StackError("missing mvn: install the Debian package maven")
+    if build.exists():
+        shutil.rmtree(build)
+    shutil.copytree(source, build)
+    procs.run(
+        [mvn, "-B", "-q", "-f", str(build / "pom.xml"), "package", "-DskipTests"],
+        what=f"building the schema registry ({REGISTRY_PROJECT})",
+        timeout=1800,
+    )
+    if not runner.exists():
+        raise StackError(f"building {REGISTRY_PROJECT}: {runner} was not produced")
+    (build / ".complete").write_text("ok\n")
+    return runner, InstallReport([REGISTRY_PROJECT], time.monotonic() - started)

@@ -25,17 +25,22 @@ from cdcsync.stack.services import (
     ConnectService,
     KafkaService,
     PostgresService,
+    RegistryService,
     Service,
     ServiceState,
     java_major,
 )
 
 SERVICES = ("source", "target", "kafka", "connect")
+#: Started only when named: ``up()`` without arguments leaves them out.
+OPTIONAL_SERVICES = ("registry",)
+KNOWN_SERVICES = (*SERVICES, *OPTIONAL_SERVICES)
 DEPENDS: dict[str, tuple[str, ...]] = {
     "source": (),
     "target": (),
     "kafka": (),
     "connect": ("kafka",),
+    "registry": (),
 }
 
 
@@ -101,6 +106,9 @@ class LocalStack:
             svc = PostgresService(self.root, state, self.secrets_dir)
             svc.name = name
             return svc
+        if name == "registry":
+            runner = data.get("registry_runner")
+            return RegistryService(self.root, state, Path(runner) if runner else None)
         jars = Path(data.get("jars") or install.jar_cache_dir())
         if name == "kafka":
             return KafkaService(self.root, state, jars)
@@ -140,11 +148,12 @@ class LocalStack:
         """Start what is not running; a running, ready service is left alone."""
         wanted = self._closure(services)
         needs_jvm = any(s in ("kafka", "connect") for s in wanted)
+        needs_registry = "registry" in wanted
         needs_pg = any(s in ("source", "target") for s in wanted)
         commands: tuple[str, ...] = ()
         if needs_pg:
             commands += ("postgres", "pg_dump")
-        if needs_jvm:
+        if needs_jvm or needs_registry:
             commands += ("java", "mvn")
         t0 = time.monotonic()
         install.ensure_commands(commands, install=install_missing)
@@ -162,8 +171,13 @@ class LocalStack:
                 jars, _ = install.resolve_jars()
                 data["jars"] = str(jars)
                 self.timings["jars"] = time.monotonic() - t0
+            if needs_registry:
+                t0 = time.monotonic()
+                runner, _ = install.build_registry()
+                data["registry_runner"] = str(runner)
+                self.timings["registry_build"] = time.monotonic() - t0
             self._ensure_secrets()
-            for name in SERVICES:
+            for name in KNOWN_SERVICES:
                 if name not in wanted:
                     continue
                 svc = self._service(data, name)
@@ -191,7 +205,7 @@ class LocalStack:
     def down(self) -> None:
         """Stop every service by PID, newest first; verify no PID and no port is left."""
         with self._locked() as data:
-            for name in reversed(SERVICES):
+            for name in reversed(KNOWN_SERVICES):
                 if name not in data["services"]:
                     continue
                 svc = self._service(data, name)
@@ -215,9 +229,10 @@ class LocalStack:
         """Each service's state, PID, port and log file."""
         data = self._load()
         out: dict[str, Any] = {"dir": str(self.root), "services": {}}
-        for name in SERVICES:
+        for name in KNOWN_SERVICES:
             if name not in data["services"]:
-                out["services"][name] = {"state": "absent"}
+                if name in SERVICES:
+                    out["services"][name] = {"state": "absent"}
                 continue
             svc = self._service(data, name)
             running = svc.running()
@@ -248,6 +263,9 @@ class LocalStack:
     def connect_url(self) -> str:
         return f"http://127.0.0.1:{self._load()['services']['connect']['port']}"
 
+    def registry_url(self) -> str:
+        return f"http://127.0.0.1:{self._load()['services']['registry']['port']}"
+
     def env(self) -> dict[str, str]:
         """The variables every cdcsync command reads; no secret is in them."""
         data = self._load()
@@ -261,6 +279,8 @@ class LocalStack:
         if "connect" in data["services"]:
             env["CDCSYNC_CONNECT_URL"] = self.connect_url()
             env["CDCSYNC_CONNECT_SECRETS_FILE"] = str(self.connect_secrets)
+        if "registry" in data["services"]:
+            env["CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL"] = self.registry_url()
         return env
 
     def env_lines(self) -> str:
@@ -268,9 +288,9 @@ class LocalStack:
 
     @staticmethod
     def _closure(services: tuple[str, ...]) -> set[str]:
-        unknown = [s for s in services if s not in SERVICES]
+        unknown = [s for s in services if s not in KNOWN_SERVICES]
         if unknown:
-            raise StackError(f"unknown service(s) {', '.join(unknown)}; known: {SERVICES}")
+            raise StackError(f"unknown service(s) {', '.join(unknown)}; known: {KNOWN_SERVICES}")
         wanted = set(services)
         for s in services:
             wanted.update(DEPENDS[s])

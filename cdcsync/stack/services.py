@@ -502,6 +502,57 @@ class ConnectService(JavaService):
         return True
 
 
+class RegistryService(Service):
+    """Apicurio Registry with in-memory storage, for connectors that publish Avro.
+
+    Optional: started only when asked for, since only Avro-mode migrations need it. Its
+    schemas live in the process, so a restart forgets them while Kafka keeps the messages
+    that refer to them: it is a test and demo service, not a production registry.
+    """
+
+    name = "registry"
+    start_timeout = 120.0
+    heap = "256m"
+
+    def __init__(self, root: Path, state: ServiceState, runner: Path | None) -> None:
+        super().__init__(root, state)
+        self.runner = runner
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.state.port}"
+
+    def start(self) -> None:
+        if self.runner is None or not self.runner.exists():
+            raise StackError(f"{self.name}: the registry application is not built")
+        self.check_port_free(self.state.port)
+        java = find_command("java")
+        if java is None:
+            raise StackError("java not found: install the Debian package openjdk-17-jre-headless")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            java,
+            f"-Xmx{self.heap}",
+            f"-Dquarkus.http.port={self.state.port}",
+            "-Dquarkus.http.host=127.0.0.1",
+            "-jar",
+            str(self.runner),
+        ]
+        self.state.pid = procs.spawn(argv, self.log_path, cwd=self.dir)
+        self.wait_ready()
+
+    def ready(self) -> bool:
+        if not procs.port_open(self.state.port):
+            return False
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - loopback URL built here
+                f"{self.url}/apis/registry/v2/system/info", timeout=3
+            ) as resp:
+                return bool(resp.status == 200)
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+
 def java_major(java: str) -> int:
     """The JVM's major version (the properties dump goes to stderr)."""
     import subprocess

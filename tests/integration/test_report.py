@@ -81,7 +81,7 @@ def test_report_follows_the_recorded_migration(
         "Execution": "✅",
         "Verification & Cleanup": "🚧",  # rolled back, not finalized
     }, md
-    assert "not complete" in md and "not built yet" in md and "finalize" in md
+    assert "not complete" in md and "taken without one" in md and "finalize" in md
 
     # Freeze durations: as the audit trail recorded them, and as the commands reported.
     with psycopg.connect(target_dsn, autocommit=True) as conn:

@@ -252,3 +252,47 @@ def test_cli_exit_codes_and_outputs(pair: tuple[str, str]) -> None:
     bad = cli(pair, "--level", "everything")
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
+
+
+TYPED = TableId("public", "typed")
+TYPED_SCHEMA = """
+CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE typed (id int PRIMARY KEY, d posint, m mood, iv interval, j jsonb, f float8,
+    n numeric, a int[], t text, b bytea, u uuid, ts timestamptz, dt date);
+INSERT INTO typed SELECT g, g, (ARRAY['sad', 'ok', 'happy'])[1 + g % 3]::mood,
+    g * interval '1 hour', jsonb_build_object('g', g, 'x', 1.5), g / 7.0, g * 1.10,
+    ARRAY[g, g + 1], 'text ' || g, decode(md5(g::text), 'hex'), md5(g::text)::uuid,
+    '2024-01-01 00:00+00'::timestamptz + g * interval '1 minute', date '2024-01-01' + g
+    FROM generate_series(1, 500) g;
+"""
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE typed SET n = 11.000 WHERE id = 10",  # 11.00 on the source: equal value, scale
+        "UPDATE typed SET f = '-0' WHERE id = 42",  # f = 6 on the source; then -0 against 0
+        "UPDATE typed SET iv = interval '1 day' WHERE id = 24",  # '24:00:00' on the source
+        """UPDATE typed SET j = '{"g": 77, "x": 1.50}' WHERE id = 77""",  # 1.5 on the source
+        "UPDATE typed SET m = 'happy' WHERE id = 3",
+        "UPDATE typed SET a = ARRAY[8, 9, 10] WHERE id = 8",
+        "UPDATE typed SET d = 100 WHERE id = 99",
+        "UPDATE typed SET ts = ts + interval '1 microsecond' WHERE id = 5",
+        "UPDATE typed SET b = NULL WHERE id = 6",
+    ],
+)
+def test_value_differences_that_compare_equal_or_hash_alike_are_found(
+    source_dsn: str, target_dsn: str, damage: str
+) -> None:
+    """Row hashes must see what the text form shows, not only what ``=`` sees."""
+    for dsn in (source_dsn, target_dsn):
+        on(dsn, TYPED_SCHEMA)
+    if "'-0'" in damage:
+        on(source_dsn, "UPDATE typed SET f = 0 WHERE id = 42")
+        on(target_dsn, "UPDATE typed SET f = 0 WHERE id = 42")
+    assert verify_tables(source_dsn, target_dsn, [TYPED], "checksum").ok
+    key = damage.split("WHERE id = ")[1].strip()
+    on(target_dsn, damage)
+    report = verify_tables(source_dsn, target_dsn, [TYPED], "rows")
+    assert result(report, TYPED)["changed"] == [{"id": key}], report.to_dict()

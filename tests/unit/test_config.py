@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cdcsync.config import ENV_VARS, load_settings, redact_dsn
+from cdcsync.config import ENV_VARS, MIGRATION_ID_MAX, load_settings, redact_dsn
 from cdcsync.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +87,50 @@ def test_every_variable_is_documented_in_readme() -> None:
 def test_example_config_is_valid() -> None:
     s = load_settings(REPO / "config" / "cdcsync.example.yaml")
     assert s.migration_id == "orders_move"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("sourse_dsn: x\n", "sourse_dsn: unknown setting (did you mean source_dsn?)"),
+        ("apply:\n  bach_max_events: 5\n", "(did you mean apply.batch_max_events?)"),
+        ("cutover:\n  freez_timeout_seconds: 5\n", "cutover.freeze_timeout_seconds?"),
+    ],
+)
+def test_misspelt_keys_get_the_nearest_name(tmp_path: Path, text: str, named: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert named in str(err.value) and str(cfg) in str(err.value)
+
+
+def test_an_invalid_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDCSYNC_APPLY__BATCH_MAX_EVENTS", "0")
+    with pytest.raises(ConfigError, match=r"apply\.batch_max_events \(from CDCSYNC_APPLY__"):
+        load_settings()
+
+
+def test_yaml_error_gives_the_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[apply]\nbatch_max_events = 5\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line 2, column 1") as err:
+        load_settings(cfg)
+    assert "<unicode string>" not in str(err.value)
+
+
+@pytest.mark.parametrize("size", [MIGRATION_ID_MAX, MIGRATION_ID_MAX + 1])
+def test_migration_id_leaves_room_for_derived_names(size: int) -> None:
+    if size > MIGRATION_ID_MAX:
+        with pytest.raises(ConfigError, match=f"migration_id.*max {MIGRATION_ID_MAX}"):
+            load_settings(migration_id="m" * size)
+        return
+    s = load_settings(migration_id="m" * size)
+    assert max(len(s.slot_name), len(s.reverse_slot_name), len(s.reverse_publication_name)) <= 63
+
+
+@pytest.mark.parametrize("topic", ["orders.dlq", "orders_rev.dead"])
+def test_dead_letter_topic_outside_the_subscribed_prefixes(topic: str) -> None:
+    with pytest.raises(ConfigError, match="consume its own dead letters"):
+        load_settings(migration_id="orders", apply={"dead_letter_topic": topic})
+    assert load_settings(migration_id="orders", apply={"dead_letter_topic": "orders-dlq"})

@@ -181,7 +181,7 @@ def test_a_fully_recorded_migration_is_complete() -> None:
 
 def test_each_gap_is_named() -> None:
     cases: list[tuple[dict[str, Any], str, Status, str]] = [
-        ({"plan": None}, "Strategy", Status.BLOCKED, "not built yet"),
+        ({"plan": None}, "Strategy", Status.BLOCKED, "taken without one"),
         ({"backup": None}, "Preparation", Status.ATTENTION, "no verified backup"),
         (
             {"backup": {"verified": False, "error": "pg_restore failed"}},

@@ -179,3 +179,64 @@ def test_range_predicate() -> None:
         vr.range_predicate(["a", "b"], KeyRange(("1",), None))
     with pytest.raises(ValueError, match="key columns"):
         vr.range_predicate([], KeyRange(None, None))
+
+
+@given(st.integers(3, 1 << 60), st.integers(0, (1 << 31) - 1), st.integers(0, 1 << 31))
+def test_xid_window_holds_exactly_the_xids_in_between(since: int, span: int, offset: int) -> None:
+    """A 64-bit xid is in the window iff it lies in [since, until), seen through 32 bits."""
+    until = since + span
+    window = vr.xid_window(since, until)
+    assert window is not None
+    # Every xid that can still be on an unfrozen row lies within 2**31 below ``until``.
+    xid = until - 1 - offset
+    inside = since <= xid < until
+    if xid >= 0:
+        assert vr.in_xid_window(xid % vr.XID_MODULUS, window) == inside
+
+
+def test_xid_window_wraps_and_falls_back_when_too_wide() -> None:
+    since = (5 << 32) + vr.XID_MODULUS - 10  # ten xids before a wraparound of the 32 bits
+    window = vr.xid_window(since, since + 20)
+    assert window is not None
+    assert vr.in_xid_window(vr.XID_MODULUS - 10, window)
+    assert vr.in_xid_window(9, window)  # past the wrap
+    assert not vr.in_xid_window(10, window)
+    assert not vr.in_xid_window(vr.XID_MODULUS - 11, window)
+    assert vr.xid_window(100, 100 + (1 << 31)) is None
+    with pytest.raises(ValueError, match="before it starts"):
+        vr.xid_window(10, 5)
+    sql_text = vr.xid_window_predicate(window).as_string(None)
+    assert "xmin::text::bigint" in sql_text and str(vr.XID_MODULUS) in sql_text
+
+
+hash_maps = st.dictionaries(
+    st.integers(0, 30).map(bound),
+    st.tuples(st.sampled_from(["a", "b", None]), st.sampled_from(["c", "d", None])),
+    max_size=20,
+)
+
+
+@given(hash_maps, hash_maps)
+def test_persistent_keeps_only_unchanged_differences(
+    previous: dict[Bound, tuple[str | None, str | None]],
+    current: dict[Bound, tuple[str | None, str | None]],
+) -> None:
+    found = vr.persistent(previous, current)
+    assert set(found) == {k for k, pair in current.items() if previous.get(k) == pair}
+    assert vr.persistent({}, current) == []
+
+
+def test_range_index_shape() -> None:
+    assert vr.range_index(["id"], []).as_string(None) == "0"
+    two = vr.range_index(["id"], [("10",)]).as_string(None)
+    assert two == "CASE WHEN (\"id\") >= ('10') THEN 1 ELSE 0 END"
+    with pytest.raises(ValueError, match="does not match"):
+        vr.range_index(["a", "b"], [("1",)])
+
+
+@given(st.integers(0, 1 << 34), st.integers(1, 1 << 26))
+def test_range_count_follows_a_chosen_range_size(nbytes: int, per_range: int) -> None:
+    n = vr.range_count(nbytes, 1, per_range)
+    assert 1 <= n <= vr.MAX_RANGES
+    if n > 2 and n < vr.MAX_RANGES:
+        assert nbytes / n <= per_range

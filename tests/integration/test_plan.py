@@ -1,0 +1,220 @@
+"""A plan with a rename, casts, transforms, a drop, a new required column and a row filter.
+
+The plan goes through the snapshot and the streaming apply while a writer inserts,
+updates (moving rows into and out of the filter) and deletes. The target is then
+compared with the source as the plan maps it, by SQL written here by hand (not by the
+plan module): the filtered rows, lower-cased and trimmed e-mails under their new name,
+mapped statuses, amounts cast to numeric(12,2), the new column's default, no dropped
+column, no excluded table. A plan changed after the snapshot is refused.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from tests.integration.cutover_helpers import cdcsync, drain_direction
+from tests.integration.test_e2e_stream import Daemon, wait_streaming
+
+pytestmark = pytest.mark.stack
+
+SOURCE_DDL = """
+CREATE TABLE public.customers (
+    id bigint PRIMARY KEY,
+    email text NOT NULL,
+    status text,
+    amount integer NOT NULL,
+    legacy text,
+    deleted boolean NOT NULL DEFAULT false
+);
+ALTER TABLE public.customers REPLICA IDENTITY FULL;
+CREATE TABLE public.audit (id bigint PRIMARY KEY, note text);
+CREATE TABLE public.plain (id integer PRIMARY KEY, v text);
+"""
+
+PLAN = {
+    "version": 1,
+    "tables": {
+        "public.customers": {
+            "filter": "NOT deleted",
+            "columns": {
+                "email": {"rename": "email_address", "transform": ["trim", "lower"]},
+                "status": {
+                    "transform": [
+                        {"map": {"A": "active", "I": "inactive"}},
+                        {"default_if_null": "unknown"},
+                    ]
+                },
+                "amount": {"cast": "numeric(12,2)"},
+                "legacy": {"drop": True},
+            },
+            "add": {"region": {"type": "text", "default": "'eu'"}},
+        },
+        "public.audit": {"include": False},
+    },
+}
+
+EXPECTED = """
+SELECT id, lower(btrim(email)),
+       coalesce(CASE status WHEN 'A' THEN 'active' WHEN 'I' THEN 'inactive' ELSE status END,
+                'unknown'),
+       amount::numeric(12,2)::text, 'eu'
+FROM public.customers WHERE NOT deleted ORDER BY id
+"""
+ACTUAL = "SELECT id, email_address, status, amount::text, region FROM public.customers ORDER BY id"
+
+
+def _row(rng: random.Random, key: int) -> tuple[object, ...]:
+    email = rng.choice(["  Ann@Example.COM ", "bob@example.com", " Ça@Ünï.org", "x@y.z  "])
+    return (
+        key,
+        f"{key}{email}",
+        rng.choice(["A", "I", None, "Z"]),
+        rng.randint(-1000, 100000),
+        "old",
+        rng.random() < 0.3,
+    )
+
+
+class Writer:
+    """Inserts, updates (into and out of the filter) and deletes for a while."""
+
+    def __init__(self, dsn: str, seconds: float) -> None:
+        self.dsn, self.seconds = dsn, seconds
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wait(self) -> None:
+        self.thread.join(self.seconds + 60)
+
+    def _run(self) -> None:
+        rng = random.Random(3)
+        key = 1000
+        end = time.monotonic() + self.seconds
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while time.monotonic() < end:
+                    key += 1
+                    conn.execute(
+                        "INSERT INTO public.customers VALUES (%s, %s, %s, %s, %s, %s)",
+                        _row(rng, key),
+                    )
+                    target = rng.randint(1, key)
+                    choice = rng.random()
+                    if choice < 0.4:
+                        conn.execute(
+                            "UPDATE public.customers SET deleted = NOT deleted, "
+                            "amount = amount + 1 WHERE id = %s",
+                            (target,),
+                        )
+                    elif choice < 0.7:
+                        conn.execute(
+                            "UPDATE public.customers SET email = %s, status = %s WHERE id = %s",
+                            (f" NEW{target}@Mail.COM ", rng.choice(["A", "I", None]), target),
+                        )
+                    elif choice < 0.8:
+                        conn.execute("DELETE FROM public.customers WHERE id = %s", (target,))
+                    conn.execute(
+                        "INSERT INTO public.plain VALUES (%s, 'p') ON CONFLICT (id) DO UPDATE "
+                        "SET v = public.plain.v || '+'",
+                        (key % 50,),
+                    )
+                    conn.execute("INSERT INTO public.audit VALUES (%s, 'n')", (key,))
+                    time.sleep(0.005)
+        except psycopg.Error as exc:
+            self.errors.append(str(exc))
+
+
+def test_plan_through_snapshot_and_streaming(
+    source_dsn: str,
+    target_dsn: str,
+    migration_env: dict[str, str],
+    daemon: Daemon,
+    tmp_path: Path,
+) -> None:
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        conn.execute(SOURCE_DDL)
+        rng = random.Random(1)
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO public.customers VALUES (%s, %s, %s, %s, %s, %s)",
+                [_row(rng, k) for k in range(1, 1001)],
+            )
+        conn.execute("INSERT INTO public.plain SELECT g, 'v' FROM generate_series(1, 20) g")
+        conn.execute("INSERT INTO public.audit SELECT g, 'a' FROM generate_series(1, 20) g")
+
+    # The generated plan lists every table and passes its own check.
+    written = tmp_path / "generated.yaml"
+    gen = cdcsync(migration_env, "plan", "--output", str(written))
+    assert gen.returncode == 0, gen.stderr
+    generated = yaml.safe_load(written.read_text())
+    assert set(generated["tables"]) == {"public.customers", "public.audit", "public.plain"}
+    assert cdcsync(migration_env, "plan", "--check", str(written)).returncode == 0
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(PLAN))
+    checked = cdcsync(migration_env, "plan", "--check", str(plan_file))
+    assert checked.returncode == 0, checked.stderr
+
+    # A filter on a table without REPLICA IDENTITY FULL is refused, naming the fix.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tables": {"public.plain": {"filter": "id > 3"}}}))
+    refused = cdcsync(migration_env, "plan", "--check", str(bad))
+    assert refused.returncode == 3 and "REPLICA IDENTITY FULL" in refused.stderr, refused.stderr
+
+    daemon.env = {**daemon.env, "CDCSYNC_PLAN": str(plan_file)}
+    env = {**migration_env, "CDCSYNC_PLAN": str(plan_file)}
+    writer = Writer(source_dsn, seconds=12)
+    writer.start()  # the snapshot runs under the writer too
+    daemon.start()
+    wait_streaming(env, daemon)
+    writer.wait()
+    assert not writer.errors, writer.errors
+    drain_direction(env, "forward", timeout=180)
+
+    with (
+        psycopg.connect(source_dsn, autocommit=True) as src,
+        psycopg.connect(target_dsn, autocommit=True) as tgt,
+    ):
+        expected = src.execute(EXPECTED).fetchall()
+        actual = tgt.execute(ACTUAL).fetchall()
+        assert len(expected) > 500, len(expected)
+        missing = sorted(set(expected) - set(actual))[:5]
+        extra = sorted(set(actual) - set(expected))[:5]
+        assert actual == expected, f"missing {missing} extra {extra}\n{daemon.tail()}"
+        columns = {
+            r[0]
+            for r in tgt.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = 'public.customers'::regclass "
+                "AND attnum > 0 AND NOT attisdropped"
+            )
+        }
+        assert "legacy" not in columns and "email" not in columns, columns
+        kind = tgt.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'public.customers'::regclass AND attname = 'amount'"
+        ).fetchone()
+        assert kind == ("numeric(12,2)",), kind
+        assert tgt.execute("SELECT to_regclass('public.audit')").fetchone() == (None,)
+        assert (
+            src.execute("SELECT id, v FROM public.plain ORDER BY id").fetchall()
+            == tgt.execute("SELECT id, v FROM public.plain ORDER BY id").fetchall()
+        )
+
+    # The plan changes after the snapshot: the daemon refuses to stream under it.
+    daemon.kill(signal.SIGTERM)
+    changed = {**PLAN, "verify": "counts"}
+    plan_file.write_text(yaml.safe_dump(changed))
+    again = cdcsync(env, "run", timeout=120)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "snapshotted under plan" in again.stderr, again.stderr[-2000:]
