@@ -15,12 +15,14 @@ from psycopg import sql
 
 from cdcsync.adapters.pg import connect
 from cdcsync.config import Settings
+from cdcsync.core import plan as plan_mod
 from cdcsync.core.events import TableId
 from cdcsync.core.findings import (
     ColumnFacts,
     Facts,
     ForeignKeyFacts,
     LeafFacts,
+    PlanCheck,
     SequenceFacts,
     ServerFacts,
     SlotFacts,
@@ -50,7 +52,8 @@ def discover(settings: Settings, *, audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYT
             if facts.source.superuser or facts.source.replication:
                 facts.source.replication_connect_error = _try_replication(source_dsn)
             facts.target = server_facts(target)
-            tables = catalog.list_tables(source, settings)
+            plan = plan_mod.load(settings.plan) if settings.plan else plan_mod.EMPTY
+            tables = plan.included(catalog.list_tables(source, settings))
             in_scope = {str(t) for t in tables}
             facts.tables = [
                 table_facts(source, t, in_scope, audit_max_bytes, superuser=facts.source.superuser)
@@ -60,6 +63,7 @@ def discover(settings: Settings, *, audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYT
                 tf.target = target_table_facts(target, source, tf, audit=tf.audited)
             facts.sequences = sequence_facts(source, {t.schema for t in tables})
             facts.extension_columns = catalog.extension_types_used(source, tables)
+            facts.plan_checks = plan_checks(source, plan, facts.tables, audit_max_bytes)
         finally:
             source.rollback()
             target.rollback()
@@ -67,6 +71,64 @@ def discover(settings: Settings, *, audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYT
 
 
 _Query = str | sql.SQL | sql.Composed
+
+
+def plan_checks(
+    conn: psycopg.Connection[Any],
+    plan: plan_mod.Plan,
+    tables: list[TableFacts],
+    audit_max_bytes: int,
+) -> list[PlanCheck]:
+    """Try the plan's casts on every (filtered) source row, and count what filters keep.
+
+    Each try runs in a savepoint of the read-only transaction, so a refused value is
+    reported with PostgreSQL's own message and the next check goes on.
+    """
+    out: list[PlanCheck] = []
+    sizes = {t.name: t.total_bytes for t in tables}
+    for table, tp in plan.tables.items():
+        name = f"{table.schema}.{table.name}"
+        if not tp.include or name not in sizes:
+            continue
+        rel = sql.Identifier(table.schema, table.name)
+        where = sql.SQL(" WHERE ({})").format(sql.SQL(tp.filter)) if tp.filter else sql.SQL("")
+        audited = sizes[name] <= audit_max_bytes
+        if tp.filter:
+            check = PlanCheck(name, "filter", audited=audited)
+            if audited:
+                check.failure = _try(conn, sql.SQL("SELECT count(*) FROM {}{}").format(rel, where))
+                if check.failure is None:
+                    check.rows = int(
+                        _one(conn, sql.SQL("SELECT count(*) FROM {}{}").format(rel, where)) or 0
+                    )
+                    check.total = int(
+                        _one(conn, sql.SQL("SELECT count(*) FROM {}").format(rel)) or 0
+                    )
+            out.append(check)
+        for col in tp.columns.values():
+            if not col.cast or col.drop:
+                continue
+            check = PlanCheck(name, "cast", col.name, col.cast, audited=audited)
+            if audited:
+                check.failure = _try(
+                    conn,
+                    sql.SQL("SELECT count(({})::text::{}) FROM {}{}").format(
+                        sql.Identifier(col.name), sql.SQL(col.cast), rel, where
+                    ),
+                )
+            out.append(check)
+    return out
+
+
+def _try(conn: psycopg.Connection[Any], query: sql.Composed) -> str | None:
+    """None if ``query`` runs, else the first line of PostgreSQL's error."""
+    try:
+        with conn.transaction():
+            conn.execute(query)
+    except psycopg.Error as exc:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    return None
 
 
 def _one(conn: psycopg.Connection[Any], query: _Query, params: Any = None) -> Any:

@@ -188,6 +188,20 @@ class SequenceFacts:
 
 
 @dataclass
+class PlanCheck:
+    """What the plan's cast or filter does to one table's rows, tried on the source."""
+
+    table: str  # schema.table
+    kind: str  # "cast" or "filter"
+    column: str | None = None
+    target_type: str | None = None
+    failure: str | None = None  # the first value PostgreSQL refused, in its own words
+    rows: int | None = None  # rows the filter keeps (None: not counted)
+    total: int | None = None  # rows of the table (for a filter)
+    audited: bool = True  # False: over the audit size limit, not tried
+
+
+@dataclass
 class Facts:
     """Everything :func:`evaluate` judges; also the ``facts`` member of the JSON report."""
 
@@ -197,6 +211,7 @@ class Facts:
     sequences: list[SequenceFacts] = field(default_factory=list)
     extension_columns: dict[str, list[str]] = field(default_factory=dict)  # ext → table.col
     audit_max_bytes: int = 0
+    plan_checks: list[PlanCheck] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,6 +270,7 @@ def evaluate(facts: Facts) -> list[Finding]:
         out += _table_rules(t, facts)
     out += _extension_rules(facts)
     out += _target_scope_rules(facts)
+    out += _plan_rules(facts)
     if facts.sequences:
         owned = sum(1 for s in facts.sequences if s.owned_by)
         out.append(
@@ -408,6 +424,57 @@ def _server_rules(facts: Facts) -> list[Finding]:
                 "use a target of the source's major version or newer",
             )
         )
+    return out
+
+
+def _plan_rules(facts: Facts) -> list[Finding]:
+    """The plan's casts tried on every source row; its filters' share of the rows."""
+    out: list[Finding] = []
+    for c in facts.plan_checks:
+        if c.kind == "cast":
+            loc = f"source:{c.table}.{c.column}"
+            if not c.audited:
+                out.append(
+                    Finding(
+                        Severity.info,
+                        "plan-cast-unchecked",
+                        loc,
+                        f"the plan casts it to {c.target_type}; the table is over the audit "
+                        "size limit, so the values were not tried",
+                        "raise --audit-max-mb to try them",
+                    )
+                )
+            elif c.failure is not None:
+                out.append(
+                    Finding(
+                        Severity.error,
+                        "plan-cast-fails",
+                        loc,
+                        f"the plan casts it to {c.target_type}, and a value does not convert: "
+                        f"{c.failure}; the snapshot would fail there",
+                        "fix those values on the source, or change or drop the cast in the plan",
+                    )
+                )
+        elif c.kind == "filter" and c.failure is not None:
+            out.append(
+                Finding(
+                    Severity.error,
+                    "plan-filter-fails",
+                    f"source:{c.table}",
+                    f"the plan's filter does not run on the source: {c.failure}",
+                    "correct the filter in the plan (SQL over the source's columns)",
+                )
+            )
+        elif c.kind == "filter" and c.rows is not None:
+            share = f"{c.rows:,} of {c.total:,}" if c.total is not None else f"{c.rows:,}"
+            out.append(
+                Finding(
+                    Severity.info,
+                    "plan-filter",
+                    f"source:{c.table}",
+                    f"the plan's filter keeps {share} rows; the others are not migrated",
+                )
+            )
     return out
 
 

@@ -283,3 +283,41 @@ def test_privileges_of_a_plain_role(source_dsn: str, target_dsn: str) -> None:
         for dsn in (source_dsn, target_dsn):
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_plan_aware_audits(source_dsn: str, target_dsn: str, tmp_path: Any) -> None:
+    """A planned cast that a value refuses is an error naming the value; a filter's share."""
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.orders (id int PRIMARY KEY, qty text, price text, gone bool)"
+        )
+        conn.execute("ALTER TABLE public.orders REPLICA IDENTITY FULL")
+        conn.execute(
+            "INSERT INTO public.orders SELECT g, g::text, (g * 1.5)::text, g % 4 = 0 "
+            "FROM generate_series(1, 40) g"
+        )
+        conn.execute("UPDATE public.orders SET qty = 'twelve' WHERE id = 7")
+        conn.execute("CREATE TABLE public.skip_me (id int PRIMARY KEY)")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "tables:\n"
+        "  public.orders:\n"
+        "    filter: NOT gone\n"
+        "    columns:\n"
+        "      qty: {cast: integer}\n"
+        "      price: {cast: 'numeric(10,2)'}\n"
+        "  public.skip_me: {include: false}\n"
+    )
+    settings = load_settings(source_dsn=source_dsn, target_dsn=target_dsn, plan=plan)
+    found = fnd.evaluate(discover(settings))
+    bad = at(found, "plan-cast-fails", "source:public.orders.qty")
+    assert bad.severity is Severity.error and '"twelve"' in bad.message, bad
+    assert not [f for f in found if f.location == "source:public.orders.price"], found
+    kept = at(found, "plan-filter", "source:public.orders")
+    assert "30 of 40" in kept.message, kept
+    assert not [f for f in found if "skip_me" in f.location], "an excluded table is not assessed"
+    # Without the failing row the cast passes: the finding goes.
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET qty = '12' WHERE id = 7")
+    again = fnd.evaluate(discover(settings))
+    assert not [f for f in again if f.code == "plan-cast-fails"], again
