@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from confluent_kafka import KafkaException
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -118,8 +119,9 @@ class Supervisor:
                         conn = connect(self.settings.target_conninfo(), "target")
                     code = self._turn(conn)
                     backoff = 1.0
-                except (psycopg.OperationalError, PreconditionError) as exc:
-                    # The target restarting, Connect unreachable: wait and try again; the
+                except (psycopg.OperationalError, PreconditionError, KafkaException) as exc:
+                    # The target restarting, Connect or Kafka unreachable (arming a stream
+                    # creates topics and registers a connector): wait and try again; the
                     # stream thread halts and is retried on its own.
                     log.warning("supervisor: %s — retrying in %.0fs", _first_line(exc), backoff)
                     if conn is not None:

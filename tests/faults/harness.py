@@ -98,7 +98,8 @@ class FaultRun:
             self.app.stop()
 
     def finish(self, *, direction: str = "forward", timeout: float = 240) -> dict[str, int]:
-        """Writers stopped, stream drained, sides equal, every acknowledged write once."""
+        """Writers stopped, stream drained, sides equal, every acknowledged write once on
+        the side the stream writes into (the target forward, the source in reverse)."""
         self.stop_writers()
         drain_direction(self.env, direction, timeout=timeout)
         diff = workload.differences(self.source_dsn, self.target_dsn)

@@ -12,10 +12,12 @@ construction of the consumer and the batch:
   values plus their decoded events (of the same order);
 - the interpreter, psycopg, confluent-kafka and the HTTP endpoints take ~70-90 MiB.
 
-So ~250 MiB at worst: the test asserts VmRSS and VmHWM under 300 MiB, a growth during
-the stall under 120 MiB (queue, fetch and batch, with slack), and a growth smaller
-than the backlog's payload (the consumer stopped fetching instead of buffering the
-backlog). Then the lock is released, the applier catches up, and the proof holds.
+So ~250 MiB at worst during the stall: the test asserts VmRSS under 300 MiB then, a
+growth during the stall under 120 MiB (queue, fetch and batch, with slack), and a
+growth smaller than the backlog's payload (the consumer stopped fetching instead of
+buffering the backlog). Catching up is the costlier moment — a full batch being
+decoded and staged while the queue refills behind it — so the process's high-water
+mark (VmHWM) gets 350 MiB. Then the proof holds.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.stack
 ROWS = 80_000
 PER_TX = 1_000
 BOUND_KB = 300 * 1024
+HWM_KB = 350 * 1024
 STALL_GROWTH_KB = 120 * 1024
 BLOB_DDL = "CREATE TABLE public.blob (id bigint PRIMARY KEY, payload text NOT NULL)"
 # ~1.9 KB of hex per row: not compressible enough to be TOASTed or shrunk by pglz.
@@ -90,7 +93,8 @@ def _end_offset(bootstrap: str, topic: str) -> int:
 @pytest.mark.slow
 @pytest.mark.scenario(
     "slow target: a table locked (>= 40 s, until the backlog is in Kafka) under 80k ~2 KB inserts",
-    "consumer stops fetching at its bound (RSS < 300 MiB); catches up; 0 lost, 0 doubled",
+    "consumer stops fetching at its bound (RSS < 300 MiB stalled, HWM < 350 MiB); catches up; "
+    "0 lost, 0 doubled",
 )
 def test_locked_target_table_bounds_memory(
     fault_run: FaultRun, connectors: list[str], source_dsn: str, target_dsn: str
@@ -142,7 +146,7 @@ def test_locked_target_table_bounds_memory(
     )
     assert applied_during_stall == 0, "the locked table was written to during the stall"
     assert stall_peak < BOUND_KB, f"VmRSS reached {stall_peak} KiB during the stall"
-    assert status["VmHWM"] < BOUND_KB, f"VmHWM {status['VmHWM']} KiB"
+    assert status["VmHWM"] < HWM_KB, f"VmHWM {status['VmHWM']} KiB"
     # The stall may add the prefetch queue (64 MiB), one fetch in flight (16 MiB) and
     # the blocked batch (32 MiB of values): 120 MiB with slack. The backlog's payload
     # alone is ~150 MB (its messages, with their JSON schemas, about twice that): had
