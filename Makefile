@@ -42,8 +42,10 @@ test: install lint
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS) tests; \
 	echo "pytest finished in $$(( $$(date +%s) - start ))s"
 
+# The whole fault matrix (every scenario of tests/faults, slow ones included) plus the
+# other long tests; it ends with the fault suite's summary table.
 faults: install
-	@$(BIN)/pytest -q -m "slow" $(PYTEST_ARGS) tests
+	@$(BIN)/pytest -q -m "faults or slow" $(PYTEST_ARGS) tests
 
 demo: install
 	@$(BIN)/cdcsync stack up --dir $(DEMO_DIR)

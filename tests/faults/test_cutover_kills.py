@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from cdcsync.core import switchover as sw
+from tests.faults.harness import Outcome
 from tests.integration import workload
 from tests.integration.cutover_helpers import (
     App,
@@ -62,6 +63,7 @@ def _run_matrix(
     daemon: Daemon,
     connectors: list[str],
     tmp_path: Path,
+    outcome: Outcome,
 ) -> None:
     settings = settings_for(env)
     start_migration(source_dsn, env, daemon, connectors)
@@ -119,12 +121,18 @@ def _run_matrix(
     counts = app.check(dsn[primary])
     app.resume()
     app.stop()
+    outcome.acknowledged = counts["acknowledged"]
+    outcome.lost, outcome.doubled = counts["lost"], counts["doubled"]
     assert not diff, f"sides differ after {outcomes}: {diff}\n{daemon.tail()}"
     assert counts["lost"] == 0 and counts["doubled"] == 0, (counts, outcomes)
     assert counts["acknowledged"] > 0, counts
     assert daemon.alive(), daemon.tail()
 
 
+@pytest.mark.scenario(
+    f"kill -9 of cutover/rollback at {len(QUICK)} named steps, then resume or abort",
+    "exactly one side writable after each; resume finishes, abort undoes",
+)
 def test_kill_nine_at_named_steps(
     source_dsn: str,
     target_dsn: str,
@@ -132,11 +140,18 @@ def test_kill_nine_at_named_steps(
     daemon: Daemon,
     connectors: list[str],
     tmp_path: Path,
+    fault_outcome: Outcome,
 ) -> None:
-    _run_matrix(QUICK, source_dsn, target_dsn, migration_env, daemon, connectors, tmp_path)
+    _run_matrix(
+        QUICK, source_dsn, target_dsn, migration_env, daemon, connectors, tmp_path, fault_outcome
+    )
 
 
 @pytest.mark.slow
+@pytest.mark.scenario(
+    f"kill -9 of cutover/rollback after every step of both directions ({len(FULL)} cases)",
+    "exactly one side writable after each; resume finishes, abort undoes",
+)
 def test_kill_nine_after_every_step(
     source_dsn: str,
     target_dsn: str,
@@ -144,5 +159,8 @@ def test_kill_nine_after_every_step(
     daemon: Daemon,
     connectors: list[str],
     tmp_path: Path,
+    fault_outcome: Outcome,
 ) -> None:
-    _run_matrix(FULL, source_dsn, target_dsn, migration_env, daemon, connectors, tmp_path)
+    _run_matrix(
+        FULL, source_dsn, target_dsn, migration_env, daemon, connectors, tmp_path, fault_outcome
+    )
