@@ -135,6 +135,7 @@ class PgApplier:
         fetch_source: SourceFetch | None = None,
         add_columns: ColumnAdder | None = None,
         transforms: Mapping[TableId, Mapping[str, ValueSql]] | None = None,
+        stage_types: Mapping[TableId, Mapping[str, str]] | None = None,
     ) -> None:
         self.conn = conn
         self.allowed = tables
@@ -143,6 +144,10 @@ class PgApplier:
         self.add_columns = add_columns  # None: a column the target lacks halts the applier
         # The plan's value transforms: SQL over the staged value, the same as the snapshot's.
         self.transforms = transforms or {}
+        # Columns whose values arrive in another type than the table's (the reverse of a
+        # plan's cast): staged in that type, then cast to the column's — PostgreSQL's
+        # cast, so numeric 12.50 goes back into an integer column as 13, not as an error.
+        self.stage_types = stage_types or {}
         self._meta: dict[TableId, TableMeta | None] = {}
 
     def prepare_session(self) -> None:
@@ -251,10 +256,16 @@ class PgApplier:
     ) -> sql.Identifier:
         """COPY rows into a temporary table typed like the target's columns."""
         stage = sql.Identifier(f"cdcsync_stage_{next(_stage_ids)}")
+        staged = self.stage_types.get(meta.table, {})
         self.conn.execute(
             sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
                 stage,
-                sql.SQL(", ").join(map(sql.Identifier, columns)),
+                sql.SQL(", ").join(
+                    sql.SQL("NULL::{} AS {}").format(sql.SQL(staged[c]), sql.Identifier(c))
+                    if c in staged
+                    else sql.Identifier(c)
+                    for c in columns
+                ),
                 sql.Identifier(meta.table.schema, meta.table.name),
             )
         )
@@ -286,9 +297,12 @@ class PgApplier:
         target = sql.Identifier(meta.table.schema, meta.table.name)
         cols = sql.SQL(", ").join(map(sql.Identifier, columns))
         planned = self.transforms.get(meta.table, {})
+        staged = self.stage_types.get(meta.table, {})
 
         def value(c: str) -> sql.Composable:
-            ref = sql.SQL("s.{}").format(sql.Identifier(c))
+            ref: sql.Composable = sql.SQL("s.{}").format(sql.Identifier(c))
+            if c in staged:
+                ref = sql.SQL("({})::{}").format(ref, sql.SQL(meta.columns[c]))
             return planned[c](ref) if c in planned else ref
 
         non_key = [c for c in columns if c not in meta.key]

@@ -74,6 +74,33 @@ _DDL: tuple[str, ...] = (
         updated_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (migration_id, direction, topic, kafka_partition)
     )""",
+    # Where the applier got to in each source transaction of a keyless table's partition
+    # (and for truncates), written with the batch: changes Debezium sends again after a
+    # task restart are recognised (cdcsync.core.replay).
+    """CREATE TABLE IF NOT EXISTS {s}.replay_mark (
+        migration_id text NOT NULL,
+        direction text NOT NULL,
+        topic text NOT NULL,
+        kafka_partition int NOT NULL,
+        txid bigint NOT NULL,
+        lsn bigint NOT NULL,
+        ordinal int NOT NULL,
+        kafka_offset bigint NOT NULL,
+        PRIMARY KEY (migration_id, direction, topic, kafka_partition, txid)
+    )""",
+    # The last such change the applier saw in each of those partitions.
+    """CREATE TABLE IF NOT EXISTS {s}.replay_cursor (
+        migration_id text NOT NULL,
+        direction text NOT NULL,
+        topic text NOT NULL,
+        kafka_partition int NOT NULL,
+        txid bigint NOT NULL,
+        lsn bigint NOT NULL,
+        ordinal int NOT NULL,
+        first_change text NOT NULL,
+        ts_ms bigint NOT NULL,
+        PRIMARY KEY (migration_id, direction, topic, kafka_partition)
+    )""",
     # Phase transitions and commands: who did what, when, with what result.
     """CREATE TABLE IF NOT EXISTS {s}.audit (
         id bigserial PRIMARY KEY,

@@ -223,7 +223,7 @@ def _once(
     repair: bool,
     range_bytes: int | None,
 ) -> None:
-    from cdcsync.engine.verify import verify_tables
+    from cdcsync.engine.verify import run_options, under_plan, verify_tables
     from cdcsync.engine.verify_repair import repair as repair_ranges
     from cdcsync.engine.verify_repair import require_fenced
     from cdcsync.engine.verify_store import RunStore
@@ -231,14 +231,16 @@ def _once(
 
     target_dsn = settings.target_conninfo()
     schema, mig = settings.state_schema, settings.migration_id
+    plan, reverse = under_plan(settings)
+    options = run_options(plan, reverse)
     if resume:
-        store, recorded = RunStore.resume(target_dsn, schema, mig, run_id, level, chosen)
+        store, recorded = RunStore.resume(target_dsn, schema, mig, run_id, level, chosen, options)
         chosen = recorded
     else:
         chosen = chosen if chosen is not None else default_tables(settings)
         if repair:
             require_fenced(target_dsn, chosen, mig)  # before spending a verification
-        store = RunStore.start(target_dsn, schema, mig, level, chosen)
+        store = RunStore.start(target_dsn, schema, mig, level, chosen, options)
     try:
         report = verify_tables(
             settings.source_conninfo(),
@@ -251,6 +253,8 @@ def _once(
             progress=store,
             range_bytes=range_bytes,
             run_id=store.run_id,
+            plan=plan,
+            reverse=reverse,
         )
         store.finish(report)
     finally:
@@ -314,11 +318,13 @@ def _continuous(
     import threading
 
     from cdcsync.adapters.pg import connect
+    from cdcsync.engine.verify import under_plan
     from cdcsync.engine.verify_continuous import run_continuous
     from cdcsync.engine.verify_store import ensure_tables, record
     from cdcsync.errors import PreconditionError
 
     tables = chosen if chosen is not None else default_tables(settings)
+    plan, reverse = under_plan(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -355,6 +361,8 @@ def _continuous(
             stop=stop,
             on_pass=on_pass,
             settle=_drain_step(settings),
+            plan=plan,
+            reverse=reverse,
         )
     if not last.ok:
         raise PreconditionError(

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import psycopg
 
 from cdcsync import faultpoints
-from cdcsync.adapters import offset_store
+from cdcsync.adapters import offset_store, replay_store
 from cdcsync.adapters.pg import connect
 from cdcsync.adapters.pg_apply import (
     ApplyError,
@@ -42,9 +42,10 @@ from cdcsync.adapters.schema_registry import decoder_for
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import Settings
 from cdcsync.core import plan as plan_mod
+from cdcsync.core import replay
 from cdcsync.core.batching import Batch, BatchPolicy, gap
 from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX
-from cdcsync.core.events import Event, RowChange, TableId, Truncate
+from cdcsync.core.events import Event, Op, RowChange, TableId, Truncate
 from cdcsync.errors import ConfigError, DecodeError, HaltedError
 
 log = logging.getLogger("cdcsync.stream")
@@ -171,6 +172,8 @@ class StreamLoop:
         self.low: dict[tuple[str, int], int] = {}
         self._consumer: Any = None
         self._partition_counts: dict[str, int] = {}
+        self.replays = replay.Tracker()
+        self._resent = 0  # re-sent changes skipped in the batch being gathered
         self._callback_error: Exception | None = None
         self._dlq: Any = None
         self._decode_message = decoder_for(settings)  # JSON or Avro, by kafka.format
@@ -204,6 +207,7 @@ class StreamLoop:
             fetch_source=_mapped_fetch(fetch_rows_by_key(source), self.plan, self.endpoint),
             add_columns=column_adder(source) if self.settings.apply.add_new_columns else None,
             transforms=_transforms(self.plan) if self.endpoint.direction == "forward" else None,
+            stage_types=_reverse_casts(self.plan) if self.endpoint.direction == "reverse" else None,
         )
         applier.prepare_session()
         conn.commit()
@@ -261,6 +265,7 @@ class StreamLoop:
                 start = stored.get(key)
                 self.expected[key] = start
                 tp.offset = start if start is not None else OFFSET_BEGINNING
+            self._load_replays(conn, [(tp.topic, tp.partition) for tp in partitions])
             c.assign(partitions)
             log.info(
                 "assigned %s", [f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions]
@@ -336,6 +341,12 @@ class StreamLoop:
                         event = self._decode(msg, topic, partition, offset, value)
                         if self._map is not None and event is not None:
                             event = self._map(event)
+                        if event is not None and self._replayed(
+                            event, msg, topic, partition, offset
+                        ):
+                            # Applied before: its offset moves on with the batch.
+                            batch.add(topic, partition, offset, len(value or b""))
+                            continue
                         if event is None:
                             continue  # sent to the dead-letter topic
                         batch.add(topic, partition, offset, len(value or b""))
@@ -391,7 +402,9 @@ class StreamLoop:
             conn, self.settings.state_schema, self.settings.migration_id, self.endpoint.direction
         )
         conn.rollback()
-        for tp in consumer.assignment():
+        assigned = consumer.assignment()
+        self._load_replays(conn, [(tp.topic, tp.partition) for tp in assigned])
+        for tp in assigned:
             key = (tp.topic, tp.partition)
             start = stored.get(key)
             self.expected[key] = start
@@ -404,6 +417,48 @@ class StreamLoop:
             except KafkaException as exc:
                 # Not fetching yet: the assignment itself starts at the stored offset.
                 log.debug("seek %s[%d]: %s", tp.topic, tp.partition, exc)
+
+    def _load_replays(
+        self, conn: psycopg.Connection[Any], partitions: list[tuple[str, int]]
+    ) -> None:
+        """The replay marks as committed: in-memory ones of a dropped batch are forgotten."""
+        with conn.transaction():
+            marks, cursors = replay_store.load(
+                conn,
+                self.settings.state_schema,
+                self.settings.migration_id,
+                self.endpoint.direction,
+                partitions,
+            )
+        self.replays.reset(marks, cursors)
+
+    def _replayed(self, event: Event, msg: Any, topic: str, partition: int, offset: int) -> bool:
+        """Whether Debezium sent this change before and it was applied (keyless tables
+        and truncates only: keyed changes are idempotent)."""
+        if isinstance(event, Truncate):
+            insert, ident = False, replay.digest("truncate", str(event.table))
+        elif isinstance(event, RowChange) and not event.keyed:
+            image = event.after if event.after is not None else event.before
+            insert, ident = event.op is Op.INSERT, replay.digest(event.op.name, image)
+        else:
+            return False
+        src = event.source
+        if src.tx_id is None or src.lsn is None:
+            return False
+        seen = self.replays.seen(
+            (topic, partition),
+            offset,
+            src.tx_id,
+            src.lsn,
+            insert=insert,
+            ident=ident,
+            ts_ms=int(msg.timestamp()[1]),
+        )
+        if seen:
+            if not self._resent:
+                log.info("changes sent again by the connector, skipped from %s", _where(msg))
+            self._resent += 1
+        return seen
 
     def _kafka_error(self, msg: Any) -> None:
         err = msg.error()
@@ -495,8 +550,20 @@ class StreamLoop:
                         self.endpoint.direction,
                         self._progress(batch, events),
                     )
+                    replay_store.save(
+                        conn,
+                        self.settings.state_schema,
+                        self.settings.migration_id,
+                        self.endpoint.direction,
+                        self.replays.pending(),
+                        self.replays.cursors(),
+                    )
                     faultpoints.hit("batch-before-commit")
                 faultpoints.hit("batch-after-commit")
+                self.replays.saved()
+                if self._resent:
+                    log.info("%d re-sent change(s) skipped in this batch", self._resent)
+                    self._resent = 0
                 break
             except offset_store.PartitionLost as exc:
                 # A rebalance gave the partition to another process, which applied past
@@ -573,6 +640,16 @@ def _transforms(plan: plan_mod.Plan) -> dict[TableId, dict[str, ValueSql]]:
                 return ref
 
             out.setdefault(table, {})[column] = value
+    return out
+
+
+def _reverse_casts(plan: plan_mod.Plan) -> dict[TableId, dict[str, str]]:
+    """Source column → the type its values come back in (the plan's cast on the target)."""
+    out: dict[TableId, dict[str, str]] = {}
+    for table, tp in plan.tables.items():
+        for column in tp.columns.values():
+            if column.cast and not column.drop:
+                out.setdefault(table, {})[column.name] = column.cast
     return out
 
 

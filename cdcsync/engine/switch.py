@@ -556,15 +556,25 @@ class Switcher:
         if level == "none":
             self.report.verification = {"level": "none"}
             return {"verification": {"level": "none", "at": time.time()}}
-        if level == "counts":
-            summary = count_sides(self.db(self.route.old), self.db(self.route.new), self.tables)
+        from cdcsync.engine.verify import under_plan
+
+        # Under a plan the source is compared as the plan maps it onto the target, in
+        # either direction; once the target has been the primary (a rollback, a second
+        # cutover) in reverse mode (see cdcsync.core.verify_plan).
+        plan, reverse = under_plan(self.settings)
+        reverse = reverse or self.kind == Kind.ROLLBACK
+        mapped = plan is not None and (plan.maps_columns or bool(plan.filters()))
+        if level == "counts" and not (plan is not None and plan.filters()):
+            summary = count_sides(self.db("source"), self.db("target"), self.tables, plan)
         else:
             summary = verify_sides(
-                self.dsn[self.route.old],
-                self.dsn[self.route.new],
+                self.dsn["source"],
+                self.dsn["target"],
                 self.tables,
                 level,
                 self.settings.state_schema,
+                plan=plan if mapped else None,
+                reverse=reverse,
             )
         self.report.verification = summary
         if summary["mismatches"]:
@@ -701,24 +711,32 @@ class Switcher:
 
     # ------------------------------------------------------------- gates
     def _plan_gate(self) -> Gate:
-        """Verification under the freeze compares the sides as they are: not under a plan."""
+        """Verification under the freeze follows the plan; refused only for what the plan's
+        SQL cannot evaluate there (checked now, before anything is frozen)."""
         from cdcsync.core import plan as plan_mod
+        from cdcsync.engine.verify import plan_problems
+        from cdcsync.engine.verify_store import target_has_been_primary
 
         plan = plan_mod.load(self.settings.plan) if self.settings.plan else plan_mod.EMPTY
         mapped = plan.maps_columns or bool(plan.filters())
-        ok = not mapped or self.options.verify == "none"
+        if not mapped:
+            return Gate("plan", True, "no column mapping or row filter")
+        if self.options.verify == "none":
+            return Gate(
+                "plan", True, "mapped tables: no verification at the switch (--verify none)"
+            )
+        reverse = self.kind == Kind.ROLLBACK or target_has_been_primary(
+            self.db("target"), self.settings.state_schema, self.settings.migration_id
+        )
+        problems = plan_problems(
+            self.db("source"), self.db("target"), plan, self.tables, reverse=reverse
+        )
         return Gate(
             "plan",
-            ok,
-            "no column mapping or row filter"
-            if not mapped
-            else (
-                "under a plan with column mappings or row filters, verification at the switch "
-                "does not follow the mapping yet: use --verify none (and `cdcsync verify` "
-                "before the cutover)"
-                if not ok
-                else "mapped tables: no verification at the switch (--verify none)"
-            ),
+            not problems,
+            "; ".join(problems[:5]) + ("; use --verify none" if problems else "")
+            if problems
+            else "verification at the switch compares the tables as the plan maps them",
         )
 
     def gates(self) -> list[Gate]:
@@ -1190,10 +1208,17 @@ def count_rows(conn: psycopg.Connection[Any], tables: list[TableId]) -> list[int
 
 
 def count_sides(
-    old: psycopg.Connection[Any], new: psycopg.Connection[Any], tables: list[TableId]
+    old: psycopg.Connection[Any],
+    new: psycopg.Connection[Any],
+    tables: list[TableId],
+    plan: Any = None,
 ) -> dict[str, Any]:
-    """Counts on both sides at once (under the freeze neither side changes)."""
+    """Counts on both sides at once (under the freeze neither side changes); tables the
+    ``plan`` excludes are not counted (a row filter needs :func:`verify_sides`)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    if plan is not None:
+        tables = plan.included(tables)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         on_old = pool.submit(count_rows, old, tables)
@@ -1208,13 +1233,25 @@ def count_sides(
 
 
 def verify_sides(
-    old_dsn: str, new_dsn: str, tables: list[TableId], level: str, state_schema: str
+    old_dsn: str,
+    new_dsn: str,
+    tables: list[TableId],
+    level: str,
+    state_schema: str,
+    *,
+    plan: Any = None,
+    reverse: bool = False,
 ) -> dict[str, Any]:
-    """Compare both sides at ``level``; the summary names each table that differs."""
+    """Compare both sides at ``level``; the summary names each table that differs.
+
+    Under ``plan`` the first DSN must be the plan's source (see ``verify_tables``).
+    """
     from cdcsync.engine.verify import verify_tables
 
     checked = cast(Literal["counts", "checksum"], level)
-    result = verify_tables(old_dsn, new_dsn, tables, checked, state_schema=state_schema)
+    result = verify_tables(
+        old_dsn, new_dsn, tables, checked, state_schema=state_schema, plan=plan, reverse=reverse
+    )
     return {
         "level": level,
         "tables": len(tables),

@@ -31,6 +31,19 @@ unique keys (the key is part of the row), so rows cannot cancel out; XOR and sum
 together keep the linear structure of the record hash from hiding a change (two rows
 changed the same way move the sum, two swapped values move the XOR).
 
+Under a migration plan each included table is compared as the plan maps it
+(:mod:`cdcsync.core.verify_plan`): the source side computes each compared column as
+it lands on the target (transforms, then the ``::text::type`` cast), under the target's
+column name, its rows restricted by the plan's filter in every range, drill-down and
+count; the target is read as it is. Reconciliation sums are of the mapped values. Key
+columns may be renamed, so ranges are cut on key values named per side, and differing
+keys are reported under the target's names. Dropped columns are not compared; added
+ones are left out of the row hash (their values are the target's own), and the rows
+where they differ from their default are counted in a note. Excluded tables are not
+compared. Tables without a primary key follow the mapping in their row digests. Once
+the target has been the primary, ``reverse`` mode filters both sides and leaves out
+columns whose transform is not idempotent (see that module for why).
+
 Progress can be recorded (:class:`RangeLog`) so an interrupted verification resumes
 from the ranges already compared, and a run can be restricted to chosen ranges (the
 continuous mode re-checks ranges that changed, a repair re-checks what it copied).
@@ -46,17 +59,22 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, get_args
 
 import psycopg
 from psycopg import sql
 
 from cdcsync import metrics
 from cdcsync.adapters.pg import connect
+from cdcsync.core import plan as plan_mod
+from cdcsync.core import verify_plan as vp
 from cdcsync.core import verify_ranges as vr
 from cdcsync.core.events import TableId
 from cdcsync.core.verify_ranges import Bound, Digest, KeyRange
 from cdcsync.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cdcsync.config import Settings
 
 log = logging.getLogger("cdcsync.verify")
 
@@ -441,6 +459,8 @@ def verify_tables(
     scope: Scope | None = None,
     range_bytes: int | None = None,
     run_id: str | None = None,
+    plan: plan_mod.Plan | None = None,
+    reverse: bool = False,
 ) -> VerifyReport:
     """Compare ``tables`` on both sides at ``level``; records the result as metrics.
 
@@ -450,7 +470,10 @@ def verify_tables(
     a table or column missing on the target included — is a mismatch in the report.
     ``progress`` records each compared range (and resumes from what it holds);
     ``scope`` restricts the run to chosen ranges; ``range_bytes`` overrides the size
-    of a top-level range.
+    of a top-level range. Under ``plan`` the source is compared as the plan maps it
+    (tables it excludes are not compared); ``reverse`` says the target has been the
+    primary, so rows written there may have come back to the source (see
+    :mod:`cdcsync.core.verify_plan`).
     """
     if level not in LEVELS:
         raise ConfigError(f"verification level {level!r}: use one of {', '.join(LEVELS)}")
@@ -472,6 +495,8 @@ def verify_tables(
             progress=progress,
             scope=scope,
             range_bytes=range_bytes,
+            plan=plan,
+            reverse=reverse,
         )
         results = checker.run_scoped(list(dict.fromkeys(tables)))
     finally:
@@ -490,6 +515,92 @@ def verify_tables(
         timings["total_seconds"],
     )
     return report
+
+
+def under_plan(settings: Settings) -> tuple[plan_mod.Plan | None, bool]:
+    """The migration's plan (None: none configured), and whether to compare in reverse
+    mode because the target has been the primary (see :mod:`cdcsync.core.verify_plan`)."""
+    from cdcsync.engine.verify_store import target_has_been_primary
+
+    if not settings.plan:
+        return None, False
+    plan = plan_mod.load(settings.plan)
+    with connect(settings.target_conninfo(), "target", autocommit=True) as conn:
+        reverse = target_has_been_primary(conn, settings.state_schema, settings.migration_id)
+    return plan, reverse
+
+
+def plan_problems(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    plan: plan_mod.Plan,
+    tables: Sequence[TableId],
+    *,
+    reverse: bool = False,
+) -> list[str]:
+    """What verification cannot evaluate under ``plan``, each as a sentence (none: fine).
+
+    Plans (``LIMIT 0``) on the source the mapped values and the filter of each mapped
+    table, and in reverse mode the filter over the target's row, under verification's
+    session settings: a cast to a type the source lacks, or a filter that needs a column
+    the target does not offer, shows here and not under a cutover's freeze.
+    """
+    problems: list[str] = []
+    for table in tables:
+        tp = plan.table(table)
+        if not tp.include or not (tp.maps_columns or tp.filter is not None):
+            continue
+        src = _shape(source, table)
+        if not src.exists:
+            problems.append(f"{table}: not found on the source")
+            continue
+        mapping = vp.build(table, tp, src.columns, src.key, reverse=reverse)
+        values = [p.source_value for p in mapping.pairs] or [sql.SQL("1")]
+        checks = [
+            (
+                "source",
+                source,
+                sql.SQL("SELECT {} FROM {}{} LIMIT 0").format(
+                    sql.SQL(", ").join(values), _ident(table), mapping.source_where(None)
+                ),
+            )
+        ]
+        if mapping.target_filter is not None:
+            checks.append(
+                (
+                    "target",
+                    target,
+                    sql.SQL("SELECT 1 FROM {}{} LIMIT 0").format(
+                        _ident(table), mapping.target_where(None)
+                    ),
+                )
+            )
+        for side, conn, statement in checks:
+            try:
+                with conn.transaction():
+                    for setting, value in SESSION_SETTINGS.items():
+                        conn.execute(
+                            sql.SQL("SET LOCAL {} = {}").format(
+                                sql.Identifier(setting), sql.Literal(value)
+                            )
+                        )
+                    conn.execute(statement)
+            except psycopg.Error as exc:
+                first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+                problems.append(
+                    f"{table}: the plan's mapping cannot be compared on the {side}: {first}"
+                )
+    return problems
+
+
+def run_options(plan: plan_mod.Plan | None, reverse: bool) -> dict[str, Any]:
+    """What a recorded run's ranges depend on beyond level and tables (for ``--resume``)."""
+    out: dict[str, Any] = {}
+    if plan is not None:
+        out["plan"] = plan.fingerprint()
+    if reverse:
+        out["reverse"] = True
+    return out
 
 
 def build_report(
@@ -668,26 +779,36 @@ def _shape(conn: psycopg.Connection[Any], table: TableId) -> _Shape:
     )
 
 
-def row_hash(src: _Shape, tgt: _Shape) -> sql.Composable:
-    """The per-row hash (see the module docstring), the same expression on both sides.
+def row_hashes(
+    mapping: vp.Mapping, src: _Shape, tgt: _Shape
+) -> tuple[sql.Composable, sql.Composable]:
+    """The per-row hash on each side (see the module docstring), over ``mapping``'s pairs.
 
-    A column is hashed natively only when both sides declare the same type and its hash
-    equates exactly the values that print the same; otherwise its text is hashed, so
-    e.g. an int4 column against an int8 one compares by value as text.
+    A column is hashed natively only when it is not computed by the plan, both sides
+    declare the same type, and its hash equates exactly the values that print the same;
+    otherwise its text is hashed, so e.g. an int4 column against an int8 one, or a value
+    cast by the plan against the target's column, compares by value as text.
     """
-    parts: list[sql.Composable] = []
-    for col, typ in src.columns.items():
-        ident = sql.Identifier(col)
-        base = src.base.get(col, "")
-        same = tgt.columns.get(col) == typ and tgt.base.get(col) == base
-        deterministic = src.deterministic.get(col, True) and tgt.deterministic.get(col, True)
-        if same and base in NATIVE_HASH_TYPES and (base not in _COLLATED or deterministic):
-            parts.append(ident)
-        elif same and base == "numeric":
-            parts.append(sql.SQL("{}, scale({})").format(ident, ident))
-        else:
-            parts.append(sql.SQL('{}::text COLLATE "C"').format(ident))
-    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts))
+    s_parts: list[sql.Composable] = []
+    t_parts: list[sql.Composable] = []
+    for p in mapping.pairs:
+        typ, base = src.columns.get(p.source, ""), src.base.get(p.source, "")
+        same = not p.mapped and tgt.columns.get(p.target) == typ and tgt.base.get(p.target) == base
+        deterministic = src.deterministic.get(p.source, True) and tgt.deterministic.get(
+            p.target, True
+        )
+        for value, out in ((p.source_value, s_parts), (p.target_value, t_parts)):
+            if same and base in NATIVE_HASH_TYPES and (base not in _COLLATED or deterministic):
+                out.append(value)
+            elif same and base == "numeric":
+                out.append(sql.SQL("{}, scale({})").format(value, value))
+            else:
+                out.append(sql.SQL('({})::text COLLATE "C"').format(value))
+
+    def record(parts: list[sql.Composable]) -> sql.Composable:
+        return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts))
+
+    return record(s_parts), record(t_parts)
 
 
 def _sum_expr(column: str, base: str) -> sql.Composable:
@@ -697,26 +818,77 @@ def _sum_expr(column: str, base: str) -> sql.Composable:
     return sql.SQL("sum({}::numeric)::text").format(ident)
 
 
+@dataclass(frozen=True)
+class _View:
+    """How one side of a table is read: its key columns, row hash, summed values, filter."""
+
+    key: tuple[str, ...]
+    hash: sql.Composable
+    sums: tuple[sql.Composable, ...]  # the numeric values, in :attr:`_Table.numeric` order
+    filter: sql.Composable | None = None
+    row: tuple[sql.Composable, ...] = ()  # the compared values, for keyless tables
+
+    def where(self, rng: KeyRange | None = None) -> sql.Composable:
+        """`` WHERE`` the range (None: whole table) and the side's filter, or nothing."""
+        pred = None if rng is None else vr.range_predicate(self.key, rng)
+        return vp.where_clause(pred, self.filter)
+
+
 @dataclass
 class _Table:
-    """One keyed table's comparison inputs, decided once from both sides' shapes.
+    """One table's comparison inputs, decided once from both sides' shapes and the plan.
 
-    This is the one place a column mapping (renames, casts, dropped or added columns)
-    would enter: today both sides share the table's name, columns and row hash; a
-    mapping would give the target its own name and hash expression here, and the
-    queries built from it would follow.
+    This is where a column mapping enters: each side gets its own key names, row hash,
+    summed values and filter (:mod:`cdcsync.core.verify_plan`), and every query is built
+    from the side's :class:`_View`; key values and sums are compared as text.
     """
 
     table: TableId
-    columns: list[str]
-    key: tuple[str, ...]
-    numeric: tuple[str, ...]
-    base: dict[str, str]
-    hash: sql.Composable
+    key: tuple[str, ...]  # the key as reported: the target's names
+    numeric: tuple[str, ...]  # the summed columns as reported: the target's names
+    base: dict[str, str]  # summed column → the base type its sum is computed in
+    source: _View
+    target: _View
+
+
+def _spec(table: TableId, mapping: vp.Mapping, src: _Shape, tgt: _Shape) -> _Table:
+    s_hash, t_hash = row_hashes(mapping, src, tgt)
+    summed = [
+        p for p in mapping.pairs if (p.target in tgt.numeric if p.cast else p.source in src.numeric)
+    ]
+    base = {
+        p.target: (tgt.base.get(p.target, "") if p.cast else src.base.get(p.source, ""))
+        for p in summed
+    }
+    return _Table(
+        table,
+        mapping.target_key,
+        tuple(p.target for p in summed),
+        base,
+        _View(
+            mapping.source_key,
+            s_hash,
+            tuple(p.source_value for p in summed),
+            mapping.source_filter,
+            tuple(p.source_value for p in mapping.pairs),
+        ),
+        _View(
+            mapping.target_key,
+            t_hash,
+            tuple(p.target_value for p in summed),
+            mapping.target_filter,
+            tuple(p.target_value for p in mapping.pairs),
+        ),
+    )
 
 
 class _Checker:
-    """Verifies tables over two :class:`_Side` s; one coordinating thread per table."""
+    """Verifies tables over two :class:`_Side` s; one coordinating thread per table.
+
+    Under a ``plan`` each included table is compared as the plan maps it (see
+    :mod:`cdcsync.core.verify_plan`), excluded ones are not compared; ``reverse`` says
+    the target has been the primary.
+    """
 
     def __init__(
         self,
@@ -729,6 +901,8 @@ class _Checker:
         progress: RangeLog | None = None,
         scope: Scope | None = None,
         range_bytes: int | None = None,
+        plan: plan_mod.Plan | None = None,
+        reverse: bool = False,
     ) -> None:
         self.source = source
         self.target = target
@@ -738,6 +912,8 @@ class _Checker:
         self.progress = progress
         self.scope = scope or Scope()
         self.range_bytes = range_bytes
+        self.plan = plan
+        self.reverse = reverse
         self._lock = threading.Lock()
 
     def run(self, tables: list[TableId]) -> list[tuple[TableResult, Reconciliation]]:
@@ -764,6 +940,14 @@ class _Checker:
         s, t = self.source.query(statement, params), self.target.query(statement, params)
         return s.result(), t.result()
 
+    def each(
+        self, build: Callable[[_View], sql.Composable], spec: _Table, params: Any = None
+    ) -> tuple[list[Any], list[Any]]:
+        """A query built per side from its view, on both sides at once."""
+        s = self.source.query(cast(sql.Composed, build(spec.source)), params)
+        t = self.target.query(cast(sql.Composed, build(spec.target)), params)
+        return s.result(), t.result()
+
     def table(self, table: TableId) -> tuple[TableResult, Reconciliation | None]:
         if self.progress is not None:
             finished = self.progress.finished_table(table)
@@ -771,48 +955,102 @@ class _Checker:
                 return finished
         started = time.monotonic()
         result = TableResult(table, self.level)
+        tp = None if self.plan is None else self.plan.table(table)
+        if tp is not None and not tp.include:
+            result.method = "excluded"
+            result.notes.append("excluded by the plan: not migrated, not compared")
+            return result, None
         rec: Reconciliation | None = Reconciliation()
         s_future = self.source.submit(lambda c: _shape(c, table))
         t_future = self.target.submit(lambda c: _shape(c, table))
         src, tgt = s_future.result(), t_future.result()
         if not src.exists or src.kind not in ("r", "p"):
             raise ConfigError(f"table {table} not found on the source")
+        mapping = None
         if not tgt.exists or tgt.kind not in ("r", "p"):
             result.error = "table missing on the target"
         else:
-            missing = [c for c in src.columns if c not in tgt.columns]
-            if missing:
-                result.error = f"column(s) missing on the target: {', '.join(missing)}"
-            for col, typ in src.columns.items():
-                if col in tgt.columns and tgt.columns[col] != typ:
-                    result.notes.append(f"{col}: {typ} on the source, {tgt.columns[col]} on target")
-            extra = [c for c in tgt.columns if c not in src.columns]
-            if extra:
-                result.notes.append(f"not compared, only on the target: {', '.join(extra)}")
-        if result.error is None:
-            result.key = src.key
+            try:
+                mapping = vp.build(table, tp, src.columns, src.key, reverse=self.reverse)
+            except ValueError as exc:
+                result.error = str(exc)
+        if mapping is not None:
+            self._check_columns(mapping, src, tgt, result)
+        if result.error is None and mapping is not None:
+            spec = _spec(table, mapping, src, tgt)
+            result.key = spec.key
             if self.level == "counts":
                 rec = Reconciliation()
-                self._counts(table, result, rec)
+                self._counts(spec, result, rec)
             elif src.key:
-                spec = _Table(
-                    table, list(src.columns), src.key, src.numeric, src.base, row_hash(src, tgt)
-                )
                 if table in self.scope.only:
                     rec = None
                 self._keyed(spec, src, result, rec)
             else:
-                self._keyless(table, src, result, rec)
+                self._keyless(spec, result, rec)
+            if self.level != "counts" and table not in self.scope.only:
+                self._added(mapping, result)
         result.seconds = time.monotonic() - started
         if self.progress is not None:
             self.progress.table_done(table, result, rec)
         return result, rec
 
+    def _check_columns(
+        self, mapping: vp.Mapping, src: _Shape, tgt: _Shape, result: TableResult
+    ) -> None:
+        """Columns the target lacks (an error), differing types and uncompared ones (notes)."""
+        missing = [p.target for p in mapping.pairs if p.target not in tgt.columns]
+        if missing:
+            result.error = f"column(s) missing on the target: {', '.join(missing)}"
+        for p in mapping.pairs:
+            typ, theirs = src.columns[p.source], tgt.columns.get(p.target)
+            if theirs is None:
+                continue
+            if p.cast:
+                result.notes.append(f"{p.target}: {typ} on the source, cast to {theirs}")
+            elif theirs != typ:
+                result.notes.append(f"{p.target}: {typ} on the source, {theirs} on target")
+        result.notes.extend(mapping.skipped)
+        if mapping.source_filter is not None:
+            where = "both sides" if mapping.target_filter is not None else "the source"
+            result.notes.append(f"rows filtered by the plan on {where}")
+        known = {p.target for p in mapping.pairs} | {a for a, _ in mapping.added}
+        known |= set(mapping.uncompared)
+        extra = [c for c in tgt.columns if c not in known]
+        if extra:
+            result.notes.append(f"not compared, only on the target: {', '.join(extra)}")
+
+    def _added(self, mapping: vp.Mapping, result: TableResult) -> None:
+        """How many target rows hold something else than their added column's default."""
+        if not mapping.added:
+            return
+        counts = sql.SQL(", ").join(
+            sql.SQL("count(*) FILTER (WHERE {} IS DISTINCT FROM ({}))").format(
+                sql.Identifier(name), sql.SQL(default)
+            )
+            for name, default in mapping.added
+        )
+        try:
+            row = self.target.query(
+                sql.SQL("SELECT {} FROM {}").format(counts, _ident(mapping.table))
+            ).result()[0]
+        except psycopg.Error as exc:
+            result.notes.append(f"added column(s): their defaults could not be compared ({exc})")
+            return
+        for (name, default), n in zip(mapping.added, row, strict=True):
+            result.notes.append(
+                f"{name}: added by the plan, not in the row hash; "
+                f"{int(n)} row(s) differ from its default {default}"
+            )
+
     # counts -------------------------------------------------------------------------
 
-    def _counts(self, table: TableId, result: TableResult, rec: Reconciliation) -> None:
+    def _counts(self, spec: _Table, result: TableResult, rec: Reconciliation) -> None:
         result.method = "count"
-        s, t = self.both(sql.SQL("SELECT count(*) FROM {}").format(_ident(table)))
+        s, t = self.each(
+            lambda v: sql.SQL("SELECT count(*) FROM {}{}").format(_ident(spec.table), v.where()),
+            spec,
+        )
         result.source_rows, result.target_rows = int(s[0][0]), int(t[0][0])
         result.ranges = 1
         rec.source_rows, rec.target_rows = result.source_rows, result.target_rows
@@ -831,7 +1069,7 @@ class _Checker:
         pieces = vr.range_count(shape.bytes, self.workers, self.range_bytes)
         boundaries: list[Bound] = []
         if pieces > 1:
-            key = spec.key
+            key = spec.source.key
             sample = self.source.query(
                 sql.SQL(
                     "SELECT {} FROM (SELECT {} FROM {} TABLESAMPLE SYSTEM ({}) REPEATABLE (7)) s "
@@ -864,9 +1102,10 @@ class _Checker:
         done = {i: o for i, o in done.items() if i in wanted_set}
         result.resumed_ranges = len(done)
         todo = [i for i in wanted if i not in done]
-        numeric = spec.numeric if rec is not None else ()
+        sums = rec is not None
+        numeric = spec.numeric if sums else ()
         outcomes: dict[int, RangeOutcome] = dict(done)
-        parts = self._range_digests(spec, numeric, [ranges[i] for i in todo])
+        parts = self._range_digests(spec, sums, [ranges[i] for i in todo])
         # Results come back range by range as both sides finish; each is recorded (and
         # drilled into) as soon as it is known, so an interruption loses little.
         for i, (s, s_sums, t, t_sums) in zip(todo, parts, strict=True):
@@ -896,31 +1135,36 @@ class _Checker:
                 if self.level != "rows":
                     result.leaves.append(rng)
 
-    def _range_digests(
-        self, spec: _Table, numeric: Sequence[str], ranges: Sequence[KeyRange]
-    ) -> Any:
+    def _range_digests(self, spec: _Table, sums: bool, ranges: Sequence[KeyRange]) -> Any:
         """Per range, as each completes: (source digest, sums, target digest, sums)."""
-        inner: list[sql.Composable] = [sql.SQL("{} AS h").format(spec.hash)]
-        inner += [
-            sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"n{i}"))
-            for i, c in enumerate(numeric)
-        ]
+        numeric = spec.numeric if sums else ()
         outer: list[sql.Composable] = [
             sql.SQL("count(*)"),
             sql.SQL("bit_xor(h)::text || ':' || sum(h)::text"),
         ]
         outer += [_sum_expr(f"n{i}", spec.base.get(c, "")) for i, c in enumerate(numeric)]
-        futures = []
-        for rng in ranges:
-            where = vr.range_predicate(spec.key, rng)
+
+        def statement(view: _View, rng: KeyRange) -> sql.Composed:
+            inner: list[sql.Composable] = [sql.SQL("{} AS h").format(view.hash)]
+            inner += [
+                sql.SQL("{} AS {}").format(value, sql.Identifier(f"n{i}"))
+                for i, value in enumerate(view.sums[: len(numeric)])
+            ]
             # OFFSET 0 keeps the planner from inlining the hash into each aggregate.
-            statement = sql.SQL("SELECT {} FROM (SELECT {} FROM {}{} OFFSET 0) s").format(
+            return sql.SQL("SELECT {} FROM (SELECT {} FROM {}{} OFFSET 0) s").format(
                 sql.SQL(", ").join(outer),
                 sql.SQL(", ").join(inner),
                 _ident(spec.table),
-                sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where),
+                view.where(rng),
             )
-            futures.append((self.source.query(statement), self.target.query(statement)))
+
+        futures = [
+            (
+                self.source.query(statement(spec.source, rng)),
+                self.target.query(statement(spec.target, rng)),
+            )
+            for rng in ranges
+        ]
 
         def parse(rows: list[Any]) -> tuple[Digest, list[str | None]]:
             r = rows[0]
@@ -933,41 +1177,38 @@ class _Checker:
             yield sd, ss, td, ts
 
     def _drill(self, spec: _Table, rng: KeyRange, s: Digest, t: Digest, found: Findings) -> None:
-        """Narrow a differing range down to its differing keys."""
+        """Narrow a differing range down to its differing keys (named as on the target)."""
         table, key = spec.table, spec.key
-        where = vr.range_predicate(key, rng)
-        where_sql = sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where)
+
+        def rows_of(view: _View, limit: int | None = None) -> sql.Composed:
+            return sql.SQL("SELECT {}, {}::text FROM {}{}{}").format(
+                _texts(None, view.key),
+                view.hash,
+                _ident(table),
+                view.where(rng),
+                sql.SQL("")
+                if limit is None
+                else sql.SQL(" ORDER BY {} LIMIT {}").format(_cols(view.key), sql.Literal(limit)),
+            )
+
         if s.rows == 0 or t.rows == 0:
             # One side is empty here: every row of the other differs; list the first few.
-            side, out = (
-                (self.source, found.source_only)
+            side, view, out = (
+                (self.source, spec.source, found.source_only)
                 if t.rows == 0
-                else (self.target, found.target_only)
+                else (self.target, spec.target, found.target_only)
             )
             found.differing_rows += s.rows + t.rows
             found.leaves.append(rng)
             room = max(self.max_keys, MAX_TRACKED_ROWS - len(found.hashes))
-            rows = side.query(
-                sql.SQL("SELECT {}, {}::text FROM {}{} ORDER BY {} LIMIT {}").format(
-                    _texts(None, key),
-                    spec.hash,
-                    _ident(table),
-                    where_sql,
-                    _cols(key),
-                    sql.Literal(room),
-                )
-            ).result()
-            for r in rows:
+            for r in side.query(rows_of(view, room)).result():
                 k = tuple(str(v) for v in r[:-1])
                 if len(out) < self.max_keys:
                     out.append(_key_dict(key, k))
                 found.hashes[k] = (str(r[-1]), None) if t.rows == 0 else (None, str(r[-1]))
             return
         if max(s.rows, t.rows) <= vr.LEAF_ROWS:
-            statement = sql.SQL("SELECT {}, {}::text FROM {}{}").format(
-                _texts(None, key), spec.hash, _ident(table), where_sql
-            )
-            s_rows, t_rows = self.both(statement)
+            s_rows, t_rows = self.each(rows_of, spec)
             s_map = {tuple(str(v) for v in r[:-1]): str(r[-1]) for r in s_rows}
             t_map = {tuple(str(v) for v in r[:-1]): str(r[-1]) for r in t_rows}
             diff = vr.diff_rows(s_map, t_map)
@@ -984,18 +1225,20 @@ class _Checker:
                     if len(found.hashes) < MAX_TRACKED_ROWS:
                         found.hashes[k] = (s_map.get(k), t_map.get(k))
             return
-        bigger = self.source if s.rows >= t.rows else self.target
+        bigger, view = (
+            (self.source, spec.source) if s.rows >= t.rows else (self.target, spec.target)
+        )
         step = vr.subrange_step(max(s.rows, t.rows))
         sample = bigger.query(
             sql.SQL(
                 "SELECT {} FROM (SELECT {}, row_number() OVER (ORDER BY {}) AS rn FROM {}{}) s "
                 "WHERE s.rn > 1 AND (s.rn - 1) % {} = 0 ORDER BY s.rn"
             ).format(
-                _texts("s", key),
-                _cols(key),
-                _cols(key),
+                _texts("s", view.key),
+                _cols(view.key),
+                _cols(view.key),
                 _ident(table),
-                where_sql,
+                view.where(rng),
                 sql.Literal(step),
             )
         ).result()
@@ -1004,38 +1247,51 @@ class _Checker:
             raise RuntimeError(f"no sub-boundaries in a differing range of {table}")
         subranges = vr.split(rng, boundaries)
         for sub, (sd, _, td, _) in zip(
-            subranges, list(self._range_digests(spec, (), subranges)), strict=True
+            subranges, list(self._range_digests(spec, False, subranges)), strict=True
         ):
             if sd != td:
                 self._drill(spec, sub, sd, td, found)
 
     # tables without a primary key ---------------------------------------------------
 
-    def _keyless(
-        self, table: TableId, shape: _Shape, result: TableResult, rec: Reconciliation | None
-    ) -> None:
-        """Rows as a multiset: 256 buckets by the first byte of each row's digest."""
+    def _keyless(self, spec: _Table, result: TableResult, rec: Reconciliation | None) -> None:
+        """Rows as a multiset: 256 buckets by the first byte of each row's digest.
+
+        A row's digest is that of its text as a row of the compared values, in the
+        source's column order, so renamed and dropped columns follow the plan.
+        """
         result.method = "row-digest buckets"
         rec = rec if rec is not None else Reconciliation()
-        columns = list(shape.columns)
-        inner = sql.SQL("SELECT md5({}::text) AS h{} FROM {}").format(
-            _row(columns),
-            sql.SQL("").join(sql.SQL(", {}").format(sql.Identifier(c)) for c in shape.numeric),
-            _ident(table),
-        )
-        sums = [sql.SQL("sum({}::numeric)::text").format(sql.Identifier(c)) for c in shape.numeric]
-        statement = sql.SQL(
-            "SELECT substr(h, 1, 2), count(*), md5(string_agg(h, '' ORDER BY h COLLATE \"C\")){} "
-            "FROM ({}) s GROUP BY 1"
-        ).format(sql.SQL("").join(sql.SQL(", {}").format(s) for s in sums), inner)
-        s_rows, t_rows = self.both(statement)
+        table = spec.table
+        numeric = spec.numeric
+
+        def buckets(view: _View) -> sql.Composed:
+            inner = sql.SQL("SELECT md5(ROW({})::text) AS h{} FROM {}{}").format(
+                sql.SQL(", ").join(view.row),
+                sql.SQL("").join(
+                    sql.SQL(", {} AS {}").format(v, sql.Identifier(f"n{i}"))
+                    for i, v in enumerate(view.sums)
+                ),
+                _ident(table),
+                view.where(),
+            )
+            sums = [
+                sql.SQL("sum({}::numeric)::text").format(sql.Identifier(f"n{i}"))
+                for i in range(len(numeric))
+            ]
+            return sql.SQL(
+                "SELECT substr(h, 1, 2), count(*), "
+                "md5(string_agg(h, '' ORDER BY h COLLATE \"C\")){} FROM ({}) s GROUP BY 1"
+            ).format(sql.SQL("").join(sql.SQL(", {}").format(s) for s in sums), inner)
+
+        s_rows, t_rows = self.each(buckets, spec)
         s_buckets = {str(r[0]): r for r in s_rows}
         t_buckets = {str(r[0]): r for r in t_rows}
         result.ranges = 256
         result.source_rows = sum(int(r[1]) for r in s_rows)
         result.target_rows = sum(int(r[1]) for r in t_rows)
         rec.source_rows, rec.target_rows = result.source_rows, result.target_rows
-        for i, col in enumerate(shape.numeric):
+        for i, col in enumerate(numeric):
             rec.source_sums[col] = vr.add_sums(
                 None if r[3 + i] is None else str(r[3 + i]) for r in s_rows
             )
@@ -1059,12 +1315,16 @@ class _Checker:
             )
         if self.level != "rows" or not differing:
             return
+
         # Second pass over the differing buckets only: digest → copies, and one row's text.
-        detail = sql.SQL(
-            'SELECT h, count(*), min(r COLLATE "C") FROM (SELECT md5(x) AS h, x AS r FROM '
-            "(SELECT {}::text AS x FROM {}) y) s WHERE substr(h, 1, 2) = ANY(%s) GROUP BY h"
-        ).format(_row(columns), _ident(table))
-        s_detail, t_detail = self.both(detail, (differing,))
+        def detail(view: _View) -> sql.Composed:
+            return sql.SQL(
+                'SELECT h, count(*), min(r COLLATE "C") FROM (SELECT md5(x) AS h, x AS r FROM '
+                "(SELECT ROW({})::text AS x FROM {}{}) y) s WHERE substr(h, 1, 2) = ANY(%s) "
+                "GROUP BY h"
+            ).format(sql.SQL(", ").join(view.row), _ident(table), view.where())
+
+        s_detail, t_detail = self.each(detail, spec, (differing,))
         text = {str(r[0]): str(r[2]) for r in (*s_detail, *t_detail)}
         s_extra, t_extra = vr.diff_multisets(
             {str(r[0]): int(r[1]) for r in s_detail}, {str(r[0]): int(r[1]) for r in t_detail}
@@ -1087,11 +1347,6 @@ def _ident(table: TableId) -> sql.Identifier:
 
 def _cols(columns: Sequence[str]) -> sql.Composable:
     return sql.SQL(", ").join(map(sql.Identifier, columns))
-
-
-def _row(columns: Sequence[str]) -> sql.Composable:
-    """``ROW(c1, c2, …)``: the row text in the source's column order, whatever the target's."""
-    return sql.SQL("ROW({})").format(_cols(columns))
 
 
 def _texts(alias: str | None, columns: Sequence[str]) -> sql.Composable:

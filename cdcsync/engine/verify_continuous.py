@@ -48,6 +48,7 @@ from typing import Any
 
 from psycopg import sql
 
+from cdcsync.core import plan as plan_mod
 from cdcsync.core import verify_ranges as vr
 from cdcsync.core.events import TableId
 from cdcsync.core.verify_ranges import Bound, KeyRange
@@ -107,6 +108,14 @@ class _Memory:
     keys: dict[TableId, tuple[str, ...]]
 
 
+def _source_key(plan: plan_mod.Plan | None, table: TableId, key: Sequence[str]) -> tuple[str, ...]:
+    """The key as the source names it (the plan may rename key columns)."""
+    if plan is None:
+        return tuple(key)
+    tp = plan.table(table)
+    return tuple(tp.source_of(k) or k for k in key)
+
+
 def changed_ranges(
     side: vf._Side,
     table: TableId,
@@ -146,8 +155,14 @@ def run_continuous(
     stop: threading.Event | None = None,
     on_pass: Callable[[PassReport], None] | None = None,
     settle: Callable[[], None] | None = None,
+    plan: plan_mod.Plan | None = None,
+    reverse: bool = False,
 ) -> PassReport:
-    """Passes every ``interval`` seconds until ``stop`` is set or ``passes`` ran; the last one."""
+    """Passes every ``interval`` seconds until ``stop`` is set or ``passes`` ran; the last one.
+
+    ``plan`` and ``reverse``: compare as the migration plan maps the source (see
+    :func:`cdcsync.engine.verify.verify_tables`).
+    """
     if interval <= 0:
         raise ConfigError(f"--interval {interval}: give a positive number of seconds")
     if sweep < 1:
@@ -173,6 +188,7 @@ def run_continuous(
             max_keys,
             range_bytes,
             settle,
+            (plan, reverse),
         )
         last.seconds = time.monotonic() - started
         log.info(
@@ -204,6 +220,7 @@ def _pass(
     max_keys: int,
     range_bytes: int | None,
     settle: Callable[[], None] | None,
+    mapped: tuple[plan_mod.Plan | None, bool] = (None, False),
 ) -> tuple[PassReport, _Memory]:
     source, target = vf.open_sides(source_dsn, target_dsn, workers)
     try:
@@ -213,17 +230,26 @@ def _pass(
         if memory is not None:
             only: dict[TableId, set[int]] = {}
             for table, plan in memory.plans.items():
-                key = memory.keys[table]
+                key = memory.keys[table]  # as the target names it
+                named = {"source": _source_key(mapped[0], table, key), "target": key}
                 written: set[int] = set()
                 for name, side in (("source", source), ("target", target)):
                     since = memory.xids[name][0]
-                    written |= changed_ranges(side, table, key, plan, since, xids[name][1])
+                    written |= changed_ranges(side, table, named[name], plan, since, xids[name][1])
                 rotating = {i for i in range(len(plan)) if i % sweep == number % sweep}
                 only[table] = written | rotating | memory.differing.get(table, set())
                 changed[table] = len(written)
             scope = vf.Scope(plans=memory.plans, only=only)
         checker = vf._Checker(
-            source, target, "rows", workers, max_keys, scope=scope, range_bytes=range_bytes
+            source,
+            target,
+            "rows",
+            workers,
+            max_keys,
+            scope=scope,
+            range_bytes=range_bytes,
+            plan=mapped[0],
+            reverse=mapped[1],
         )
         results = checker.run_scoped(tables)
     finally:
@@ -251,7 +277,16 @@ def _pass(
     persistent = candidates
     if candidates and settle is not None:
         persistent = _settled(
-            source_dsn, target_dsn, candidates, hashes, plans, differing, settle, workers, max_keys
+            source_dsn,
+            target_dsn,
+            candidates,
+            hashes,
+            plans,
+            differing,
+            settle,
+            workers,
+            max_keys,
+            mapped,
         )
     checked = {r.table: (len(r.checked) if r.plan else 1) for r, _ in results}
     total = {r.table: (len(r.plan) if r.plan else 1) for r, _ in results}
@@ -271,6 +306,7 @@ def _settled(
     settle: Callable[[], None],
     workers: int,
     max_keys: int,
+    mapped: tuple[plan_mod.Plan | None, bool] = (None, False),
 ) -> dict[TableId, list[Bound]]:
     """The candidates that still differ, with the same rows, once the stream caught up."""
     try:
@@ -285,7 +321,16 @@ def _settled(
     )
     source, target = vf.open_sides(source_dsn, target_dsn, workers)
     try:
-        checker = vf._Checker(source, target, "rows", workers, max_keys, scope=scope)
+        checker = vf._Checker(
+            source,
+            target,
+            "rows",
+            workers,
+            max_keys,
+            scope=scope,
+            plan=mapped[0],
+            reverse=mapped[1],
+        )
         again = {r.table: r.hashes for r, _ in checker.run_scoped(tables)}
     finally:
         source.close()

@@ -38,6 +38,12 @@ transactions wait that long (bounded per attempt by ``lock_timeout``).
 Tables without a primary key are repaired whole, the same way. Afterwards the
 repaired ranges are verified again; while the stream is busy a re-check can still see
 changes in flight, which a later verification settles.
+
+Under a migration plan the copy writes what the snapshot writes: the source's rows of
+the range that pass the plan's filter, each column transformed on the source and sent
+as text into the target's column of the same plan entry, where the target type's input
+function casts it (``value::text::type``); dropped columns are not copied, added ones
+take their default. The range is cut on the key as each side names it.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from psycopg import sql
 
 from cdcsync.adapters import fence
 from cdcsync.adapters.pg import connect
+from cdcsync.core import plan as plan_mod
+from cdcsync.core import verify_plan as vp
 from cdcsync.core import verify_ranges as vr
 from cdcsync.core.events import TableId
 from cdcsync.core.verify_ranges import KeyRange
@@ -164,9 +172,10 @@ def repair(
         return out
     source_dsn, target_dsn = settings.source_conninfo(), settings.target_conninfo()
     require_fenced(target_dsn, list(plan), settings.migration_id)
+    migration_plan, reverse = vf.under_plan(settings)
     with switch_lock(settings):
         for table, ranges in plan.items():
-            how = _how(source_dsn, target_dsn, table)
+            how = _how(source_dsn, target_dsn, table, migration_plan)
             for rng in ranges if ranges is not None else [None]:
                 done = _repair_range(
                     source_dsn, target_dsn, table, how, rng, settings.migration_id, lock_timeout_ms
@@ -192,6 +201,8 @@ def repair(
         workers=workers,
         state_schema=settings.state_schema,
         scope=scope,
+        plan=migration_plan,
+        reverse=reverse,
     )
     out.seconds = time.monotonic() - started
     return out
@@ -199,17 +210,40 @@ def repair(
 
 @dataclass(frozen=True)
 class _How:
-    columns: tuple[str, ...]  # copied columns: not generated
-    key: tuple[str, ...]
+    columns: tuple[str, ...]  # copied columns on the target: not generated, not added
+    key: tuple[str, ...]  # the key on the target
     binary: bool
+    values: tuple[sql.Composable, ...] = ()  # what the source sends for each column
+    source_key: tuple[str, ...] = ()
+    filter: sql.Composable | None = None
+
+    def source_where(self, rng: KeyRange | None) -> sql.Composable:
+        pred = None if rng is None else vr.range_predicate(self.source_key or self.key, rng)
+        return vp.where_clause(pred, self.filter)
 
 
-def _how(source_dsn: str, target_dsn: str, table: TableId) -> _How:
+def _how(
+    source_dsn: str, target_dsn: str, table: TableId, migration_plan: plan_mod.Plan | None = None
+) -> _How:
     """Columns and format of the copy, decided as the snapshot decides them."""
     with connect(source_dsn, "source", autocommit=True) as src:
         (info,) = catalog.describe(src, [table])
     with connect(target_dsn, "target", autocommit=True) as tgt:
         theirs = catalog.target_columns(tgt, table) or {}
+    tp = None if migration_plan is None else migration_plan.table(table)
+    if tp is not None and (tp.maps_columns or tp.filter is not None):
+        if not tp.include:
+            raise PreconditionError(f"cannot repair {table}: the plan excludes it")
+        copied = [c.name for c in info.columns if tp.target_of(c.name) is not None]
+        key = tuple(str(tp.target_of(k)) for k in info.primary_key)
+        return _How(
+            tuple(str(tp.target_of(c)) for c in copied),
+            key,
+            False,  # text: the target's input functions carry out the plan's casts
+            tuple(tp.value_sql(c, sql.Identifier(c), cast=False) for c in copied),
+            info.primary_key,
+            None if tp.filter is None else sql.SQL("({})").format(sql.SQL(tp.filter)),
+        )
     same = all(theirs.get(c.name) == c.type_name for c in info.columns)
     return _How(tuple(c.name for c in info.columns), info.primary_key, info.binary and same)
 
@@ -235,10 +269,10 @@ def _repair_range(
     rel = sql.Identifier(table.schema, table.name)
     where = None if rng is None else vr.range_predicate(how.key, rng)
     where_sql = sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where)
-    cols = sql.SQL(", ").join(map(sql.Identifier, how.columns))
+    values = how.values or tuple(map(sql.Identifier, how.columns))
     fmt = sql.SQL("binary" if how.binary else "text")
     copy_out = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT {})").format(
-        cols, rel, where_sql, fmt
+        sql.SQL(", ").join(values), rel, how.source_where(rng), fmt
     )
     done = RangeRepair(table, rng)
     for attempt in range(1, LOCK_ATTEMPTS + 1):

@@ -145,16 +145,20 @@ class RunStore:
         run_id: str | None,
         level: str,
         tables: Sequence[TableId] | None,
+        options: dict[str, Any] | None = None,
     ) -> tuple[RunStore, list[TableId]]:
         """The unfinished run ``run_id`` (default: the latest), and its tables.
 
-        Refused when it was at another level or over other tables than asked for now.
+        Refused when it was at another level, over other tables than asked for now, or
+        under another migration plan or direction (``options``: what the comparison
+        depends on, as :meth:`start` recorded it).
         """
         store = cls(dsn, schema, migration_id, run_id or "", fresh=False)
         try:
             row = store.conn.execute(
                 sql.SQL(
-                    "SELECT run_id, level, tables, finished_at IS NOT NULL FROM {}.verify_run "
+                    "SELECT run_id, level, tables, finished_at IS NOT NULL, options "
+                    "FROM {}.verify_run "
                     "WHERE migration_id = %s AND (%s::text IS NULL OR run_id = %s) "
                     "ORDER BY started_at DESC LIMIT 1"
                 ).format(store._s),
@@ -166,7 +170,7 @@ class RunStore:
                     f"{what} recorded for migration {migration_id} in {schema}.verify_run: "
                     "nothing to resume (run cdcsync verify without --resume)"
                 )
-            found_id, found_level, found_tables, finished = row
+            found_id, found_level, found_tables, finished, found_options = row
             if finished:
                 raise PreconditionError(
                     f"verification run {found_id} already finished: nothing to resume"
@@ -181,6 +185,15 @@ class RunStore:
                     f"--resume: run {found_id} verifies {', '.join(map(str, recorded))}; "
                     "leave out --tables or give the same ones"
                 )
+            before, now = dict(found_options or {}), dict(options or {})
+            for key in sorted(set(before) | set(now)):
+                value = now.get(key)
+                if before.get(key) != value:
+                    raise ConfigError(
+                        f"--resume: run {found_id} compared with {key} {before.get(key)!r}, "
+                        f"now {value!r}: its ranges do not hold under the new one; "
+                        "run cdcsync verify without --resume"
+                    )
             store.run_id = str(found_id)
             return store, recorded
         except BaseException:
@@ -371,3 +384,31 @@ def _table(text: str) -> TableId:
 
 def _tuple(value: Any) -> tuple[str, ...] | None:
     return None if value is None else tuple(str(v) for v in value)
+
+
+def target_has_been_primary(conn: psycopg.Connection[Any], schema: str, migration_id: str) -> bool:
+    """Whether the application may have written on the target: the migration is cut over,
+    a rollback is recorded (under way or done), or a cutover finished before.
+
+    Verification under a plan then compares in reverse mode (rows written on the target
+    came back to the source through the reverse stream).
+    """
+    try:
+        row = _migration_switch(conn, schema, migration_id)
+    except psycopg.errors.UndefinedTable:
+        return False
+    if row is None:
+        return False
+    phase, kind, cut_before = row
+    return str(phase) in ("cut_over", "finalized") or kind == "rollback" or bool(cut_before)
+
+
+def _migration_switch(conn: psycopg.Connection[Any], schema: str, migration_id: str) -> Any:
+    return conn.execute(
+        sql.SQL(
+            "SELECT m.phase, m.data -> 'switch' ->> 'kind', EXISTS (SELECT 1 FROM {}.audit a "
+            "WHERE a.migration_id = m.migration_id AND a.command = 'cutover' "
+            "AND a.result = 'done') FROM {}.migration m WHERE m.migration_id = %s"
+        ).format(sql.Identifier(schema), sql.Identifier(schema)),
+        (migration_id,),
+    ).fetchone()

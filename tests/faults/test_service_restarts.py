@@ -7,21 +7,15 @@ exactly once on the target.
 A restart of Connect's task (the worker killed, the broker gone long enough for the
 worker to lose its group, the source crashing back to its last checkpoint) re-sends
 what Debezium produced after its last flushed position. Keyed tables absorb the replay
-(upsert and delete by key). Keyless tables (REPLICA IDENTITY FULL, matched by their
-whole image) do not: a replayed insert doubles a row, a replayed update or delete
-misses its before image and halts. The scenarios that replay therefore write keyed
-tables only (:class:`KeyedLoad`: pgbench without its ``pgbench_history`` insert, and
-the hard cases without the keyless ones); their expected outcome says so.
+(upsert and delete by key); keyless tables (REPLICA IDENTITY FULL, matched by their
+whole image, duplicate rows included) skip the re-sent changes by the applier's replay
+marks (:mod:`cdcsync.core.replay`). Every scenario runs the full workload.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
-import threading
 import time
-from dataclasses import dataclass
 
 import psycopg
 import pytest
@@ -33,71 +27,9 @@ from cdcsync.stack import procs
 from tests.faults.harness import FaultRun, restart_service
 from tests.fix_stack import StackHandle
 from tests.integration import workload
-from tests.integration.cutover_helpers import App, settings_for, start_migration
+from tests.integration.cutover_helpers import settings_for
 
 pytestmark = pytest.mark.stack
-
-#: Workload actions left out where Debezium re-sends events: a keyless change applied
-#: twice doubles a row or fails to match its before image.
-REPLAYED = ("truncate", "nokey_upd", "nokey_del", "nokey_ins")
-
-#: pgbench's TPC-B-like transaction without the insert into keyless pgbench_history.
-KEYED_TPCB = """\\set aid random(1, 100000)
-\\set bid 1
-\\set tid random(1, 10)
-\\set delta random(-5000, 5000)
-BEGIN;
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-END;
-"""
-
-
-@dataclass
-class KeyedLoad(workload.Load):
-    """The workload's load writing keyed tables only (scale 1), for scenarios that replay."""
-
-    def start(self) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-            script.write(KEYED_TPCB)
-        self._pgbench = subprocess.Popen(
-            [
-                workload.pg_bin("pgbench"),
-                "-n",
-                "-f",
-                script.name,
-                "-T",
-                str(int(self.seconds)),
-                "-c",
-                str(self.clients),
-                "-j",
-                "2",
-                *(["-R", str(self.rate)] if self.rate else []),
-            ],
-            env={**os.environ, **workload.conninfo_env(self.dsn)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        thread = threading.Thread(target=self._hard_cases, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-
-def start_keyed(
-    fault_run: FaultRun, connectors: list[str], *, seconds: float, seed: int = 7
-) -> None:
-    """:meth:`FaultRun.start` with :class:`KeyedLoad` instead of the full load."""
-    start_migration(fault_run.source_dsn, fault_run.env, fault_run.daemon, connectors)
-    fault_run.app = App(
-        {"source": fault_run.source_dsn, "target": fault_run.target_dsn}, fault_run.primary_file
-    )
-    fault_run.app.start()
-    fault_run.load = KeyedLoad(
-        fault_run.source_dsn, seconds=seconds, seed=seed, exclude=REPLAYED, rate=200
-    )
-    fault_run.load.start()
 
 
 def stop_postgres(stack: StackHandle, side: str, *, mode: str) -> None:
@@ -145,7 +77,8 @@ def test_connect_worker_restart(
 @pytest.mark.scenario(
     "Kafka Connect worker hard kill (SIGKILL)",
     "connector resumes from its last flushed source offset; events produced after it are "
-    "produced again and absorbed by keyed tables (keyless ones would not be); 0 lost, 0 doubled",
+    "produced again; keyed tables absorb them, keyless ones skip them by their replay marks; "
+    "0 lost, 0 doubled",
 )
 def test_connect_worker_hard_kill(
     stack: StackHandle, fault_run: FaultRun, connectors: list[str]
@@ -155,7 +88,7 @@ def test_connect_worker_hard_kill(
     Everything produced since the last offset flush reaches Kafka twice; the applier's
     upserts by key make the replay harmless, and the ledger proves nothing doubled.
     """
-    start_keyed(fault_run, connectors, seconds=20)
+    fault_run.start(connectors, seconds=20)
     time.sleep(6)
     restart_service(stack, "connect", hard=True)
     fault_run.finish()
@@ -166,13 +99,14 @@ def test_connect_worker_hard_kill(
 @pytest.mark.scenario(
     "Kafka broker restart (SIGTERM)",
     "Connect's producer and the applier's consumer reconnect; Connect's task restarts and "
-    "re-sends, absorbed by keyed tables (keyless ones would not be); 0 lost, 0 doubled",
+    "re-sends; keyed tables absorb them, keyless ones skip them by their replay marks; "
+    "0 lost, 0 doubled",
 )
 def test_kafka_broker_restart(
     stack: StackHandle, fault_run: FaultRun, connectors: list[str]
 ) -> None:
     """A clean broker stop mid-load: clients see the connection drop, then reconnect."""
-    start_keyed(fault_run, connectors, seconds=25)
+    fault_run.start(connectors, seconds=25)
     time.sleep(6)
     restart_service(stack, "kafka", hard=False)
     assert fault_run.daemon.alive(), fault_run.daemon.tail()
@@ -181,18 +115,21 @@ def test_kafka_broker_restart(
 
 
 @pytest.mark.scenario(
-    "Kafka broker hard kill (SIGKILL)",
-    "broker recovers its log; Connect retries (one request in flight: order kept) and its task "
-    "restarts and re-sends, absorbed by keyed tables (keyless ones would not be); the applier "
-    "reconnects; 0 lost, 0 doubled",
+    "Kafka broker hard kill (SIGKILL), full workload incl. keyless tables",
+    "broker recovers its log; Connect's task restarts and re-sends; keyed tables absorb the "
+    "re-sent changes, keyless ones skip them by their replay marks; 0 lost, 0 doubled",
 )
 def test_kafka_broker_hard_kill(
     stack: StackHandle, fault_run: FaultRun, connectors: list[str]
 ) -> None:
-    """SIGKILL mid-load: no controlled shutdown, the broker recovers its log on start."""
-    start_keyed(fault_run, connectors, seconds=25)
+    """SIGKILL mid-load: no controlled shutdown, the broker recovers its log on start.
+
+    The full workload runs, keyless tables with duplicate rows included: Debezium's
+    re-sent changes reach them too, and the replay marks must skip every one.
+    """
+    fault_run.start(connectors, seconds=25)
     time.sleep(6)
-    restart_service(stack, "kafka", hard=True)
+    restart_service(stack, "kafka", hard=True, down_for=6)
     assert fault_run.daemon.alive(), fault_run.daemon.tail()
     fault_run.finish(timeout=300)
     assert fault_run.daemon.alive(), fault_run.daemon.tail()
@@ -216,7 +153,7 @@ def _source_restart(
     """
     daemon = fault_run.daemon
     daemon.env = {**daemon.env, "CDCSYNC_APPLY__ON_ERROR": "dead-letter"}
-    start_keyed(fault_run, connectors, seconds=8)
+    fault_run.start(connectors, seconds=8)
     assert fault_run.load is not None
     fault_run.load.wait()
     assert not fault_run.load.errors, fault_run.load.errors
@@ -224,8 +161,8 @@ def _source_restart(
     reader = psycopg.connect(fault_run.source_dsn, autocommit=True)
     restart_postgres(stack, "source", mode=mode)
     assert daemon.alive(), daemon.tail()
-    fault_run.load = KeyedLoad(
-        fault_run.source_dsn, seconds=10, seed=17, exclude=REPLAYED, rate=200
+    fault_run.load = workload.Load(
+        fault_run.source_dsn, seconds=10, seed=17, exclude=("truncate",), rate=200
     )
     fault_run.load.start()
 
@@ -263,7 +200,7 @@ def dead_letters(bootstrap: str, topic: str) -> int:
 @pytest.mark.slow
 @pytest.mark.scenario(
     "Source PostgreSQL restart (pg_ctl -m fast)",
-    "Debezium reconnects to its slot and resumes at its confirmed position (keyed tables); "
+    "Debezium reconnects to its slot and resumes at its confirmed position; "
     "ledger writes during the outage fail, none acknowledged is lost; 0 lost, 0 doubled",
 )
 def test_source_restart_fast(
@@ -276,7 +213,7 @@ def test_source_restart_fast(
 @pytest.mark.scenario(
     "Source PostgreSQL crash (pg_ctl -m immediate)",
     "slot comes back at its last checkpointed position; Debezium re-sends from there, "
-    "absorbed by keyed tables (keyless ones would not be); 0 lost, 0 doubled",
+    "keyed tables absorb them, keyless ones skip them by their replay marks; 0 lost, 0 doubled",
 )
 def test_source_restart_immediate(
     stack: StackHandle, fault_run: FaultRun, connectors: list[str]
