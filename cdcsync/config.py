@@ -369,7 +369,33 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
     except SettingsError as exc:
         raise ConfigError(f"invalid environment variable: {exc}") from None
-    return settings
+    return _with_plan(settings)
+
+
+def _with_plan(settings: Settings) -> Settings:
+    """The plan's knobs over the configuration's: workers, cutover verification, thresholds.
+
+    The plan is the reviewed decision of how this migration runs; a command-line flag
+    still wins over it (the commands apply their flags after loading settings).
+    """
+    if settings.plan is None:
+        return settings
+    from cdcsync.core import plan as plan_mod
+
+    plan = plan_mod.load(settings.plan)
+    update: dict[str, Any] = {}
+    if plan.parallelism:
+        update["workers"] = plan.parallelism
+    cutover: dict[str, Any] = {}
+    if plan.verify_level is not None:
+        cutover["verify"] = "checksum" if plan.verify_level == "rows" else plan.verify_level
+    if "max_lag" in plan.cutover:
+        cutover["max_lag_seconds"] = float(plan.cutover["max_lag"])
+    if "freeze_timeout" in plan.cutover:
+        cutover["freeze_timeout_seconds"] = float(plan.cutover["freeze_timeout"])
+    if cutover:
+        update["cutover"] = settings.cutover.model_copy(update=cutover)
+    return settings.model_copy(update=update) if update else settings
 
 
 def _problem(err: Any) -> str:

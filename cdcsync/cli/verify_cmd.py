@@ -146,8 +146,13 @@ def verify(
         ),
     ] = None,
     level: Annotated[
-        str, typer.Option("--level", help="counts, checksum (per key range) or rows (keys)")
-    ] = "checksum",
+        str | None,
+        typer.Option(
+            "--level",
+            help="counts, checksum (per key range) or rows (keys); default: the plan's "
+            "verify level, else checksum",
+        ),
+    ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="text or json")] = "text",
     workers: Annotated[
         int | None,
@@ -189,9 +194,15 @@ def verify(
 ) -> None:
     """Compare the migrated tables on source and target; exit 3 when they differ."""
     from cdcsync.config import load_settings
+    from cdcsync.core import plan as plan_mod
     from cdcsync.engine.verify import LEVELS
     from cdcsync.errors import ConfigError
 
+    if level is None:
+        planned = load_settings(config).plan
+        level = (plan_mod.load(planned).verify_level if planned else None) or "checksum"
+    if level == "none":
+        raise ConfigError("the plan's verify level is none: give --level to verify anyway")
     if level not in LEVELS:
         raise ConfigError(f"--level {level!r}: use one of {', '.join(LEVELS)}")
     if output not in ("text", "json"):

@@ -299,6 +299,9 @@ def parse(raw: Any, where: str = "plan") -> Plan:
     if not isinstance(cutover, dict):
         raise ConfigError(f"{where}: cutover must be a mapping")
     _only(cutover, {"max_lag", "freeze_timeout"}, f"{where}: cutover")
+    for key, value in cutover.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{where}: cutover.{key} must be a positive number of seconds")
     canonical = json.dumps(raw, sort_keys=True, default=str)
     return Plan(tables, order, parallelism, level, cutover, canonical)
 

@@ -179,9 +179,16 @@ def plan_relation(
     return out
 
 
-def schedule(chunks: Sequence[Chunk]) -> list[Chunk]:
-    """Largest first, so the last chunks to finish are small and workers end together."""
-    return sorted(chunks, key=lambda c: (-c.est_bytes, c.table, c.number))
+def schedule(chunks: Sequence[Chunk], first: Sequence[TableId] = ()) -> list[Chunk]:
+    """Largest first, so the last chunks to finish are small and workers end together.
+
+    Tables named in ``first`` (the plan's copy order) go before the others, in that
+    order; within each, the largest chunks first.
+    """
+    rank = {t: i for i, t in enumerate(first)}
+    return sorted(
+        chunks, key=lambda c: (rank.get(c.table, len(rank)), -c.est_bytes, c.table, c.number)
+    )
 
 
 def where_clause(chunk: Chunk, key_columns: Sequence[str]) -> sql.Composable | None:

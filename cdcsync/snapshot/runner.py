@@ -535,7 +535,7 @@ class _Run:
             )
         with self.progress.shown():
             totals = copy_chunks(
-                chunking.schedule(todo),
+                chunking.schedule(todo, self.plan.copy_order),
                 how,
                 source_dsn=self.source_dsn,
                 target_dsn=self.target_dsn,

@@ -186,3 +186,40 @@ def test_validation_against_the_source() -> None:
     assert "public.k has no primary key" in text
     assert "plan names public.gone" in text
     assert "public.t.w would land on the kept column v" in text
+
+
+def test_the_plans_knobs_reach_the_settings(tmp_path: Any) -> None:
+    from cdcsync.config import load_settings
+
+    path = tmp_path / "plan.yaml"
+    path.write_text("parallelism: 3\nverify: rows\ncutover: {max_lag: 7, freeze_timeout: 4.5}\n")
+    s = load_settings(source_dsn="x", target_dsn="y", plan=path)
+    assert s.workers == 3
+    assert s.cutover.verify == "checksum"  # a switch verifies by checksum at most
+    assert (s.cutover.max_lag_seconds, s.cutover.freeze_timeout_seconds) == (7.0, 4.5)
+    path.write_text("cutover: {freeze_timeout: -1}\n")
+    with pytest.raises(ConfigError, match=r"cutover\.freeze_timeout"):
+        load_settings(source_dsn="x", target_dsn="y", plan=path)
+
+
+def test_copy_order_goes_first() -> None:
+    from cdcsync.snapshot.chunking import Chunk, schedule
+
+    def chunk(name: str, number: int, size: int) -> Chunk:
+        t = TableId("public", name)
+        return Chunk(t, number, t, "whole", None, None, size)
+
+    chunks = [
+        chunk("big", 0, 900),
+        chunk("small", 0, 10),
+        chunk("mid", 0, 500),
+        chunk("mid", 1, 50),
+    ]
+    order = schedule(chunks, (TableId("public", "mid"), TableId("public", "small")))
+    assert [(c.table.name, c.number) for c in order] == [
+        ("mid", 0),
+        ("mid", 1),
+        ("small", 0),
+        ("big", 0),
+    ]
+    assert [c.table.name for c in schedule(chunks)] == ["big", "mid", "mid", "small"]
