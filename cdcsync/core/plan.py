@@ -247,7 +247,7 @@ class Plan:
         return any(p.maps_columns for p in self.tables.values() if p.include)
 
     def fingerprint(self) -> str:
-        """Changes with anything that changes what lands on the target."""
+        """Changes with anything that changes what lands on the target, and only that."""
         return hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
     def map_event(self, event: Event) -> Event:
@@ -302,7 +302,8 @@ def parse(raw: Any, where: str = "plan") -> Plan:
     for key, value in cutover.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}: cutover.{key} must be a positive number of seconds")
-    canonical = json.dumps(raw, sort_keys=True, default=str)
+    # What shapes the target's data; run knobs (parallelism, verify, cutover) may change.
+    canonical = json.dumps(raw.get("tables") or {}, sort_keys=True, default=str)
     return Plan(tables, order, parallelism, level, cutover, canonical)
 
 

@@ -157,6 +157,8 @@ def test_fingerprint_follows_content() -> None:
     a = plan_mod.parse({"tables": {"public.t": {"filter": "x > 1"}}})
     b = plan_mod.parse({"tables": {"public.t": {"filter": "x > 2"}}})
     assert a.fingerprint() != b.fingerprint()
+    knobs = plan_mod.parse({"tables": {"public.t": {"filter": "x > 1"}}, "parallelism": 2})
+    assert knobs.fingerprint() == a.fingerprint(), "run knobs do not need a new snapshot"
     assert (
         a.fingerprint()
         == plan_mod.parse({"tables": {"public.t": {"filter": "x > 1"}}}).fingerprint()
