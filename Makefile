@@ -39,7 +39,7 @@ unit: venv
 test: install lint
 	@echo "== pytest"
 	@start=$$(date +%s); \
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS) tests; \
+	$(BIN)/pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS) tests; \
 	echo "pytest finished in $$(( $$(date +%s) - start ))s"
 
 # The whole fault matrix (every scenario of tests/faults, slow ones included) plus the
