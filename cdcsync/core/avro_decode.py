@@ -79,8 +79,11 @@ def float32_text(value: float) -> str:
         return double_text(value)
     for digits in range(1, 10):
         text = f"{value:.{digits}g}"
-        if _FLOAT.unpack(_FLOAT.pack(float(text)))[0] == value:
-            return repr(float(text))
+        try:
+            if _FLOAT.unpack(_FLOAT.pack(float(text)))[0] == value:
+                return repr(float(text))
+        except OverflowError:
+            continue  # rounded past the largest float32 (values near 3.4e38)
     return repr(value)
 
 
