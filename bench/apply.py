@@ -112,6 +112,63 @@ def all_messages(bootstrap: str, topics: list[str]) -> list[Any]:
     return out
 
 
+TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history", "ins")
+
+
+def prepare_source(
+    source: str, settings: Any, scale: int, dump: Path, slots: list[str]
+) -> list[TableId]:
+    """pgbench tables (history keyed) plus an insert table, the publication, a dump of that
+    starting point, then the logical ``slots`` that will see the workload."""
+    subprocess.run(
+        [f"{PG_BIN}/pgbench", "-i", "-q", "-s", str(scale)],
+        env={**os.environ, **conninfo_env(source)},
+        check=True,
+        capture_output=True,
+    )
+    tables = [TableId("public", t) for t in TABLES]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
+        conn.execute("CREATE TABLE ins (id bigserial PRIMARY KEY, payload text NOT NULL)")
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(settings.publication_name),
+                sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables),
+            )
+        )
+    subprocess.run([f"{PG_BIN}/pg_dump", "-Fc", "-f", str(dump), "-d", source], check=True)
+    with psycopg.connect(source, autocommit=True) as conn:
+        for slot in slots:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    return tables
+
+
+def run_workload(
+    source: str, transactions: int, inserts: int
+) -> tuple[int, dict[str, tuple[int, str]]]:
+    """pgbench, then the inserts and the end marker: (end LSN, per-table digests)."""
+    print("workload …", flush=True)
+    subprocess.run(
+        [f"{PG_BIN}/pgbench", "-n", "-t", str(transactions), "-c", "4", "-j", "2"],
+        env={**os.environ, **conninfo_env(source)},
+        check=True,
+        capture_output=True,
+    )
+    with psycopg.connect(source, autocommit=True) as conn:
+        for start in range(0, inserts, 500):
+            conn.execute(
+                "INSERT INTO ins (payload) SELECT md5(g::text) || repeat('x', 100) "
+                "FROM generate_series(1, %s) g",
+                (min(500, inserts - start),),
+            )
+        conn.execute("INSERT INTO ins (payload) VALUES (%s)", (MARKER,))
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        expected = digests_in(conn)
+    high, low = str(row[0]).split("/")
+    return (int(high, 16) << 32) | int(low, 16), expected
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=2, help="pgbench scale of the source")
@@ -151,61 +208,10 @@ def main() -> None:
     report = dump.parent / "applier-rss.json"
     applier_rss_mb: float | None = None
     try:
-        pg_env = {**env, **conninfo_env(source)}
-        subprocess.run(
-            [f"{PG_BIN}/pgbench", "-i", "-q", "-s", str(args.scale)],
-            env=pg_env,
-            check=True,
-            capture_output=True,
+        tables = prepare_source(
+            source, settings, args.scale, dump, [settings.slot_name, f"{prefix}_native"]
         )
-        with psycopg.connect(source, autocommit=True) as conn:
-            conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
-            conn.execute("CREATE TABLE ins (id bigserial PRIMARY KEY, payload text NOT NULL)")
-            tables = [
-                TableId("public", t)
-                for t in (
-                    "pgbench_accounts",
-                    "pgbench_branches",
-                    "pgbench_tellers",
-                    "pgbench_history",
-                    "ins",
-                )
-            ]
-            conn.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                    sql.Identifier(settings.publication_name),
-                    sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables),
-                )
-            )
-        subprocess.run([f"{PG_BIN}/pg_dump", "-Fc", "-f", str(dump), "-d", source], check=True)
-        with psycopg.connect(source, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (settings.slot_name,)
-            )
-            conn.execute(
-                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"{prefix}_native",)
-            )
-        print("workload …", flush=True)
-        subprocess.run(
-            [f"{PG_BIN}/pgbench", "-n", "-t", str(args.transactions), "-c", "4", "-j", "2"],
-            env=pg_env,
-            check=True,
-            capture_output=True,
-        )
-        with psycopg.connect(source, autocommit=True) as conn:
-            for start in range(0, args.inserts, 500):
-                conn.execute(
-                    "INSERT INTO ins (payload) SELECT md5(g::text) || repeat('x', 100) "
-                    "FROM generate_series(1, %s) g",
-                    (min(500, args.inserts - start),),
-                )
-            conn.execute("INSERT INTO ins (payload) VALUES (%s)", (MARKER,))
-            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-            assert row is not None
-            end_lsn_text = str(row[0])
-            expected = digests_in(conn)
-        high, low = end_lsn_text.split("/")
-        end_lsn = (int(high, 16) << 32) | int(low, 16)
+        end_lsn, expected = run_workload(source, args.transactions, args.inserts)
 
         name = f"{prefix}-source"
         client.put_config(name, source_connector_config(settings, tables, dsn=source))

@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,18 +33,14 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.apply import MARKER, PG_BIN, admin, check, drop, fresh_target
+from bench.apply import admin, check, drop, fresh_target, prepare_source, run_workload
 from cdcsync.adapters.connect_rest import ConnectClient
 from cdcsync.adapters.debezium_connector import source_connector_config
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import load_settings
-from cdcsync.core.events import TableId
 from cdcsync.engine.drain import applied_offsets, connector_lsn, end_offsets, lagging
 from cdcsync.engine.stream import Endpoint, StreamLoop, _Unobserved
 from cdcsync.engine.switch import ensure_topics
-from tests.integration.workload import conninfo_env, digests_in
-
-TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history", "ins")
 
 
 class _Gate(_Unobserved):
@@ -151,51 +146,11 @@ def main() -> None:
     )
     client = ConnectClient(connect_url)
     dump = Path(tempfile.mkdtemp()) / "base.dump"
-    tables = [TableId("public", t) for t in TABLES]
     results: dict[str, list[float]] = {}
     created: list[str] = []
     try:
-        pg_env = {**env, **conninfo_env(source)}
-        subprocess.run(
-            [f"{PG_BIN}/pgbench", "-i", "-q", "-s", str(args.scale)],
-            env=pg_env,
-            check=True,
-            capture_output=True,
-        )
-        with psycopg.connect(source, autocommit=True) as conn:
-            conn.execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
-            conn.execute("CREATE TABLE ins (id bigserial PRIMARY KEY, payload text NOT NULL)")
-            conn.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                    sql.Identifier(settings.publication_name),
-                    sql.SQL(", ").join(sql.Identifier(t.schema, t.name) for t in tables),
-                )
-            )
-        subprocess.run([f"{PG_BIN}/pg_dump", "-Fc", "-f", str(dump), "-d", source], check=True)
-        with psycopg.connect(source, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (settings.slot_name,)
-            )
-        print("workload …", flush=True)
-        subprocess.run(
-            [f"{PG_BIN}/pgbench", "-n", "-t", str(args.transactions), "-c", "4", "-j", "2"],
-            env=pg_env,
-            check=True,
-            capture_output=True,
-        )
-        with psycopg.connect(source, autocommit=True) as conn:
-            for start in range(0, args.inserts, 500):
-                conn.execute(
-                    "INSERT INTO ins (payload) SELECT md5(g::text) || repeat('x', 100) "
-                    "FROM generate_series(1, %s) g",
-                    (min(500, args.inserts - start),),
-                )
-            conn.execute("INSERT INTO ins (payload) VALUES (%s)", (MARKER,))
-            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-            assert row is not None
-            high, low = str(row[0]).split("/")
-            end_lsn = (int(high, 16) << 32) | int(low, 16)
-            expected = digests_in(conn)
+        tables = prepare_source(source, settings, args.scale, dump, [settings.slot_name])
+        end_lsn, expected = run_workload(source, args.transactions, args.inserts)
         ensure_topics(bootstrap, prefix, tables, partitions=args.partitions)
         name = f"{prefix}-source"
         client.put_config(name, source_connector_config(settings, tables, dsn=source))
