@@ -24,7 +24,6 @@ from psycopg import sql
 from cdcsync.adapters.connect_rest import ConnectClient
 from cdcsync.config import load_settings
 from cdcsync.core.avro_decode import MAGIC
-from tests.fix_stack import StackHandle
 from tests.integration import workload
 from tests.integration.test_e2e_stream import (
     Daemon,
@@ -37,24 +36,10 @@ pytestmark = pytest.mark.stack
 
 
 @pytest.fixture
-def avro_env(
-    stack: StackHandle,
-    source_dsn: str,
-    target_dsn: str,
-    topic_prefix: str,
-    connectors: list[str],
-    schema_registry_url: str,
-) -> dict[str, str]:
-    connectors.append(f"{topic_prefix}-source")
+def avro_env(migration_env: dict[str, str], schema_registry_url: str) -> dict[str, str]:
+    """The shared migration environment, with the connector and the applier in Avro."""
     return {
-        "CDCSYNC_SOURCE_DSN": source_dsn,
-        "CDCSYNC_TARGET_DSN": target_dsn,
-        "CDCSYNC_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
-        "CDCSYNC_CONNECT_URL": stack.connect_url,
-        "CDCSYNC_CONNECT_SECRETS_FILE": stack.connect_secrets_file,
-        "CDCSYNC_MIGRATION_ID": topic_prefix,
-        "CDCSYNC_METRICS_ADDR": "127.0.0.1:0",
-        "CDCSYNC_LOG_FORMAT": "json",
+        **migration_env,
         "CDCSYNC_KAFKA__FORMAT": "avro",
         "CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL": schema_registry_url,
     }
