@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -369,7 +370,28 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid configuration{where}: {problems}") from None
     except SettingsError as exc:
         raise ConfigError(f"invalid environment variable: {exc}") from None
+    _refuse_misspelt_variables(os.environ)
     return _with_plan(settings)
+
+
+def _refuse_misspelt_variables(environ: Mapping[str, str]) -> None:
+    """A ``CDCSYNC_*`` variable one typo away from a setting is a mistake, not noise.
+
+    Nested settings (``CDCSYNC_APPLY__…``) are checked by the model itself; a top-level
+    variable it does not know is ignored by pydantic, so ``CDCSYNC_SOURSE_DSN`` would
+    leave the source unset without a word. Variables far from every setting (other
+    tools', the test fixtures') stay ignored.
+    """
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | set(ENV_VARS)
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or "__" in upper or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.88)
+        if close:
+            raise ConfigError(
+                f"environment variable {name}: unknown setting (did you mean {close[0]}?)"
+            )
 
 
 def _with_plan(settings: Settings) -> Settings:

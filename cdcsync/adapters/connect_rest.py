@@ -9,6 +9,13 @@ import requests
 
 from cdcsync.errors import PreconditionError
 
+#: Statuses a worker answers while rebalancing, restarting or overloaded: worth asking again.
+BUSY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class ConnectBusy(PreconditionError):
+    """Connect did not answer now (unreachable, rebalancing, timed out); it may later."""
+
 
 class ConnectClient:
     """A thin client; every failure names the connector and the worker URL."""
@@ -22,7 +29,7 @@ class ConnectClient:
         try:
             resp = self.session.request(method, f"{self.url}{path}", timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            raise PreconditionError(f"Kafka Connect at {self.url} unreachable: {exc}") from exc
+            raise ConnectBusy(f"Kafka Connect at {self.url} unreachable: {exc}") from exc
         if resp.status_code == 404:
             return None
         if resp.status_code >= 400:
@@ -30,9 +37,8 @@ class ConnectClient:
                 message = resp.json().get("message", resp.text)
             except ValueError:
                 message = resp.text
-            raise PreconditionError(
-                f"Kafka Connect {method} {path} failed ({resp.status_code}): {message}"
-            )
+            error = ConnectBusy if resp.status_code in BUSY_STATUSES else PreconditionError
+            raise error(f"Kafka Connect {method} {path} failed ({resp.status_code}): {message}")
         return resp.json() if resp.content else None
 
     def plugins(self) -> list[str]:

@@ -9,6 +9,7 @@ readiness from its ``/readyz?verbose``. Works whether or not the daemon runs.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -269,7 +270,16 @@ def status(
     probe = LagProbe(settings)
     try:
         if not watch:
-            _show(gather(settings, probe), output)
+            doc = gather(settings, probe)
+            _show(doc, output)
+            problems = unreachable(doc)
+            if problems:
+                # Printed in full above; a script or a probe must not read "all is well".
+                print(
+                    f"status incomplete: {len(problems)} part(s) could not be read",
+                    file=sys.stderr,
+                )
+                raise typer.Exit(code=3)
             return
         if output == "json":
             while True:
@@ -285,6 +295,13 @@ def status(
         return
     finally:
         probe.close()
+
+
+def unreachable(doc: dict[str, Any]) -> list[str]:
+    """What status could not read (a database, Kafka, Connect): exit code 3 when any."""
+    return list(doc["errors"]) + [
+        f"{d['direction']}: {e}" for d in doc["directions"] for e in d["errors"]
+    ]
 
 
 def _show(doc: dict[str, Any], output: str) -> None:

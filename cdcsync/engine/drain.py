@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 
 from cdcsync.adapters import offset_store
-from cdcsync.adapters.connect_rest import ConnectClient
+from cdcsync.adapters.connect_rest import ConnectBusy, ConnectClient
 from cdcsync.errors import AbortedSafely
 
 MARKER_PREFIX = "cdcsync.drain"
@@ -149,14 +149,22 @@ def drain(
     deadline = started + timeout
     marker = emit_marker(source)
     seen: int | None = None
+    busy: ConnectBusy | None = None
     while True:
-        seen = connector_lsn(connect, connector)
+        try:
+            # A worker rejoining its group (after a broker or worker restart) answers
+            # 409 or times out for a while: ask again until the deadline, not abort.
+            seen, busy = connector_lsn(connect, connector), None
+        except ConnectBusy as exc:
+            busy = exc
         if seen is not None and seen >= marker:
             break
         if clock() > deadline:
+            why = f"; last answer: {busy}" if busy is not None else ""
             raise AbortedSafely(
                 f"drain: connector {connector} did not commit past marker LSN "
                 f"{_fmt(marker)} within {timeout:.1f}s (at {_fmt(seen) if seen else 'nothing'})"
+                f"{why}"
             )
         time.sleep(poll)
     in_kafka = clock()

@@ -101,7 +101,10 @@ class FaultRun:
         """Writers stopped, stream drained, sides equal, every acknowledged write once on
         the side the stream writes into (the target forward, the source in reverse)."""
         self.stop_writers()
-        drain_direction(self.env, direction, timeout=timeout)
+        try:
+            drain_direction(self.env, direction, timeout=timeout)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\ndaemon log:\n{self.daemon.tail()}") from exc
         diff = workload.differences(self.source_dsn, self.target_dsn)
         assert not diff, f"source and target differ: {diff}\n{self.daemon.tail()}"
         primary = self.target_dsn if direction == "forward" else self.source_dsn

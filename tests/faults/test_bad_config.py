@@ -10,6 +10,7 @@ target — because each mistake is caught before the first thing is created.
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 from collections.abc import Iterator
@@ -216,6 +217,11 @@ CASES: dict[str, Case] = {
         {"CDCSYNC_APPLY__BATCH_MAX_EVENT": "5000"},
         names=("apply.batch_max_event", "CDCSYNC_APPLY__BATCH_MAX_EVENT", "batch_max_events"),
     ),
+    "unknown-top-level-env-typo": Case(
+        RUN,
+        {"CDCSYNC_SOURSE_DSN": "host=127.0.0.1"},
+        names=("CDCSYNC_SOURSE_DSN", "unknown setting", "CDCSYNC_SOURCE_DSN"),
+    ),
     "wrong-type-string-for-int": Case(
         RUN, config="workers: four\n", names=("{config}", "workers", "integer")
     ),
@@ -394,3 +400,26 @@ def test_bad_configuration(
     assert WRONG_PASSWORD not in output and CONNECT_PASSWORD not in output
     left = _created(sl, env["CDCSYNC_MIGRATION_ID"])
     assert not left, f"{name}: left behind {left}\n{output}"
+
+
+@pytest.mark.scenario(
+    "status with the target unreachable",
+    "exit 3 after printing what it could read; the target's failure named in the errors",
+)
+def test_status_exits_3_when_a_part_cannot_be_read(
+    bad_config_slice: Slice, fault_outcome: Outcome
+) -> None:
+    """``cdcsync status`` run by a script or a probe must not read as healthy."""
+    env = {
+        **bad_config_slice.env,
+        "CDCSYNC_MIGRATION_ID": f"cfg{secrets.token_hex(4)}",
+        "CDCSYNC_TARGET_DSN": "host=127.0.0.1 port=1 dbname=app user=postgres connect_timeout=3",
+        "CDCSYNC_METRICS_ADDR": "127.0.0.1:1",
+    }
+    done = cdcsync(env, "status", "--output", "json", timeout=120)
+    assert done.returncode == 3, f"exit {done.returncode}\n{done.stdout}{done.stderr}"
+    assert "Traceback" not in done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    problems = doc["errors"] + [e for d in doc["directions"] for e in d["errors"]]
+    assert any("port 1" in p or "127.0.0.1" in p for p in problems), problems
+    assert "could not be read" in done.stderr, done.stderr

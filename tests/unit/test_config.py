@@ -134,3 +134,26 @@ def test_dead_letter_topic_outside_the_subscribed_prefixes(topic: str) -> None:
     with pytest.raises(ConfigError, match="consume its own dead letters"):
         load_settings(migration_id="orders", apply={"dead_letter_topic": topic})
     assert load_settings(migration_id="orders", apply={"dead_letter_topic": "orders-dlq"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "named"),
+    [
+        ("CDCSYNC_SOURSE_DSN", "CDCSYNC_SOURCE_DSN"),
+        ("CDCSYNC_TABLE", "CDCSYNC_TABLES"),
+        ("CDCSYNC_KAFKA_BOOTSTRAPS", "CDCSYNC_KAFKA_BOOTSTRAP"),
+    ],
+)
+def test_misspelt_variables_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, named: str
+) -> None:
+    monkeypatch.setenv(variable, "x")
+    with pytest.raises(ConfigError, match=f"{variable}: unknown setting.*{named}"):
+        load_settings()
+
+
+def test_other_tools_variables_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CDCSYNC_TEST_STACK_DIR", "CDCSYNC_FAULT_AT", "CDCSYNC_JAR_CACHE"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("CDCSYNC_WORKERS", "3")
+    assert load_settings().workers == 3
