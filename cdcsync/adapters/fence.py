@@ -13,6 +13,10 @@ for transactions that already wrote to it: once the fence is in, no transaction 
 could still write there is running. The wait is bounded by ``lock_timeout`` and
 retried, so a long writer delays the fence instead of queueing every other session
 behind it indefinitely.
+
+Tables are named as the source names them. A table the plan renames on the target is
+found there through the rename registry its rename recorded in the state schema
+(:data:`cdcsync.core.plan.RENAME_REGISTRY`), so the fence covers it under its new name.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from cdcsync.core.events import TableId
+from cdcsync.core.plan import RENAME_REGISTRY
 from cdcsync.errors import AbortedSafely
 
 SQLSTATE = "CDC01"
@@ -57,12 +62,46 @@ def ensure_function(conn: psycopg.Connection[Any], schema: str) -> None:
     )
 
 
-def members(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> list[TableId]:
-    """The tables and, for partitioned ones, every member of their partition tree.
+def renamed(conn: psycopg.Connection[Any], schema: str = "cdcsync") -> dict[TableId, TableId]:
+    """Source name → name in this database, for the tables the plan renamed here.
 
-    One query for all of them: fencing runs inside the cutover's write freeze.
+    A record whose table no longer exists (left by an earlier snapshot) is ignored.
     """
+    registry = sql.Identifier(schema, RENAME_REGISTRY).as_string(conn)
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (registry,)).fetchone()
+    if not (row and row[0]):
+        return {}
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT source_schema, source_name, target_schema, target_name FROM {} "
+            "WHERE to_regclass(format('%I.%I', target_schema, target_name)) IS NOT NULL"
+        ).format(sql.Identifier(schema, RENAME_REGISTRY))
+    ).fetchall()
+    return {TableId(str(a), str(b)): TableId(str(c), str(d)) for a, b, c, d in rows}
+
+
+def resolve(
+    conn: psycopg.Connection[Any], tables: Iterable[TableId], schema: str = "cdcsync"
+) -> list[TableId]:
+    """``tables`` (the source's names) as this database names them."""
     wanted = list(tables)
+    names = renamed(conn, schema) if wanted else {}
+    return [names.get(t, t) for t in wanted]
+
+
+def members(
+    conn: psycopg.Connection[Any], tables: Iterable[TableId], *, schema: str = "cdcsync"
+) -> list[TableId]:
+    """The tables (renamed ones under their name here) and, for partitioned ones, every
+    member of their partition tree.
+
+    Few round trips for all of them: fencing runs inside the cutover's write freeze.
+    """
+    return _members(conn, resolve(conn, tables, schema))
+
+
+def _members(conn: psycopg.Connection[Any], wanted: list[TableId]) -> list[TableId]:
+    """:func:`members` of tables already named as this database names them."""
     if not wanted:
         return []
     names = [sql.Identifier(t.schema, t.name).as_string(conn) for t in wanted]
@@ -107,7 +146,10 @@ def install(
                 )
                 ensure_function(conn, schema)
                 # One round trip for every table: this runs inside the write freeze.
-                batch = [_install_sql(t, migration_id, schema) for t in members(conn, tables)]
+                batch = [
+                    _install_sql(t, migration_id, schema)
+                    for t in members(conn, tables, schema=schema)
+                ]
                 if batch:
                     conn.execute(sql.SQL("; ").join(batch))
             return
@@ -139,26 +181,32 @@ def _install_sql(table: TableId, migration_id: str, schema: str) -> sql.Composed
     return sql.SQL("; ").join(parts)
 
 
-def remove(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> None:
+def remove(
+    conn: psycopg.Connection[Any], tables: Iterable[TableId], *, schema: str = "cdcsync"
+) -> None:
     """Lift the fence (idempotent)."""
     with conn.transaction():
         drops = [
             sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
                 sql.Identifier(name), sql.Identifier(table.schema, table.name)
             )
-            for table in members(conn, tables)
+            for table in members(conn, tables, schema=schema)
             for name in _TRIGGERS
         ]
         if drops:
             conn.execute(sql.SQL("; ").join(drops))
 
 
-def fenced(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> dict[TableId, bool]:
-    """Which tables carry the complete fence right now (a partitioned one: on every member)."""
+def fenced(
+    conn: psycopg.Connection[Any], tables: Iterable[TableId], *, schema: str = "cdcsync"
+) -> dict[TableId, bool]:
+    """Which tables carry the complete fence right now (a partitioned one: on every member);
+    keyed by the names given."""
     out: dict[TableId, bool] = {}
+    names = renamed(conn, schema)
     for table in tables:
         ok = True
-        for member in members(conn, [table]):
+        for member in _members(conn, [names.get(table, table)]):
             row = conn.execute(
                 "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -171,6 +219,8 @@ def fenced(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> dict[Tab
     return out
 
 
-def check(conn: psycopg.Connection[Any], tables: Iterable[TableId]) -> list[TableId]:
+def check(
+    conn: psycopg.Connection[Any], tables: Iterable[TableId], *, schema: str = "cdcsync"
+) -> list[TableId]:
     """Tables that are not (completely) fenced; empty when the fence is whole."""
-    return [table for table, ok in fenced(conn, tables).items() if not ok]
+    return [table for table, ok in fenced(conn, tables, schema=schema).items() if not ok]

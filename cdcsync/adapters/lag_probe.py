@@ -38,6 +38,7 @@ from psycopg import sql
 
 from cdcsync import metrics
 from cdcsync.adapters.connect_rest import ConnectClient
+from cdcsync.adapters.kafka_log import client_logging
 from cdcsync.adapters.pg import connect
 from cdcsync.config import Settings
 from cdcsync.core.debezium import HEARTBEAT_TOPIC_PREFIX
@@ -382,12 +383,14 @@ class KafkaOffsets:
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "log_level": 3,
+                **client_logging(),
             }
         )
         self._metadata: dict[str, list[int]] = {}
         self._metadata_at = -float("inf")
 
     def partitions(self, prefix: str, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
+        self._consumer.poll(0)  # serves the queued log lines (never a message: no assignment)
         now = time.monotonic()
         if now - self._metadata_at > self.METADATA_TTL:
             meta = self._consumer.list_topics(timeout=self.timeout)

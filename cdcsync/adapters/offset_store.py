@@ -22,7 +22,7 @@ class Progress:
 
     topic: str
     partition: int
-    expected: int | None  # next offset the batch started from (None: first ever)
+    expected: int  # the offset the batch started from: the stored one must equal it
     next_offset: int
     last_lsn: int | None
     last_commit_ms: int | None
@@ -55,44 +55,32 @@ def save(
     """Record progress in the caller's transaction; raise if another writer moved it."""
     table = sql.Identifier(schema, "kafka_offset")
     for p in progress:
-        lsn = _lsn_text(p.last_lsn)
-        if p.expected is None:
-            done = conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (migration_id, direction, topic, kafka_partition, "
-                    "next_offset, last_lsn, last_commit_ts) VALUES (%s, %s, %s, %s, %s, "
-                    "%s::pg_lsn, to_timestamp(%s / 1000.0)) ON CONFLICT DO NOTHING"
-                ).format(table),
-                (
-                    migration_id,
-                    direction,
-                    p.topic,
-                    p.partition,
-                    p.next_offset,
-                    lsn,
-                    p.last_commit_ms,
-                ),
-            )
-        else:
-            done = conn.execute(
-                sql.SQL(
-                    "UPDATE {} SET next_offset = %s, "
-                    "last_lsn = coalesce(%s::pg_lsn, last_lsn), "
-                    "last_commit_ts = coalesce(to_timestamp(%s / 1000.0), last_commit_ts), "
-                    "updated_at = now() WHERE migration_id = %s AND direction = %s "
-                    "AND topic = %s AND kafka_partition = %s AND next_offset = %s"
-                ).format(table),
-                (
-                    p.next_offset,
-                    lsn,
-                    p.last_commit_ms,
-                    migration_id,
-                    direction,
-                    p.topic,
-                    p.partition,
-                    p.expected,
-                ),
-            )
+        # One statement for the first batch of a partition and every later one: the row
+        # is created, or moved on only from where this batch started (compare-and-set).
+        # A row stored at the batch's first offset by someone else (a stream re-armed at
+        # the end of an empty topic stores 0) is where this batch starts, not a conflict.
+        done = conn.execute(
+            sql.SQL(
+                "INSERT INTO {} AS o (migration_id, direction, topic, kafka_partition, "
+                "next_offset, last_lsn, last_commit_ts) VALUES (%s, %s, %s, %s, %s, "
+                "%s::pg_lsn, to_timestamp(%s / 1000.0)) "
+                "ON CONFLICT (migration_id, direction, topic, kafka_partition) DO UPDATE SET "
+                "next_offset = EXCLUDED.next_offset, "
+                "last_lsn = coalesce(EXCLUDED.last_lsn, o.last_lsn), "
+                "last_commit_ts = coalesce(EXCLUDED.last_commit_ts, o.last_commit_ts), "
+                "updated_at = now() WHERE o.next_offset = %s"
+            ).format(table),
+            (
+                migration_id,
+                direction,
+                p.topic,
+                p.partition,
+                p.next_offset,
+                _lsn_text(p.last_lsn),
+                p.last_commit_ms,
+                p.expected,
+            ),
+        )
         if done.rowcount != 1:
             raise PartitionLost(
                 f"offset of {p.topic}[{p.partition}] was moved by another process "

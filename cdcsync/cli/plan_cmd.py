@@ -72,10 +72,11 @@ def render(infos: Any, replident: dict[str, str]) -> str:
     lines = [
         "# cdcsync migration plan: review it, edit it, commit it.",
         "# Check an edited plan with `cdcsync plan --check FILE`; point CDCSYNC_PLAN at it.",
-        "# Per table: include, filter (SQL over the source's columns; the table then needs",
-        "# REPLICA IDENTITY FULL), columns (rename, cast: <type>, drop: true, transform:",
-        "# [trim, lower, upper, {map: {from: to}}, {default_if_null: value}]) and add",
-        "# (new required columns: {type: <type>, default: <SQL>}).",
+        "# Per table: include, rename (its name on the target: name or schema.name),",
+        "# filter (SQL over the source's columns; the table then needs REPLICA IDENTITY",
+        "# FULL), columns (rename, cast: <type>, drop: true, transform: [trim, lower,",
+        "# upper, {map: {from: to}}, {default_if_null: value}]) and add (new required",
+        "# columns: {type: <type>, default: <SQL>}).",
         "version: 1",
         "verify: checksum",
         "tables:",
@@ -84,6 +85,7 @@ def render(infos: Any, replident: dict[str, str]) -> str:
         name = f"{info.table.schema}.{info.table.name}"
         lines.append(f"  {_quote(name)}:")
         lines.append("    include: true")
+        lines.append(f"    # rename: {_quote(name)}")
         ident = {"f": "full", "d": "default", "n": "nothing", "i": "index"}.get(
             replident.get(name, "d"), "default"
         )

@@ -3,8 +3,18 @@
 An operator reviews and commits the plan file (YAML), so every choice is visible and
 versioned. Per table: ``include``, a row ``filter`` (SQL over the source's columns),
 and per column a ``rename``, a ``cast`` to a target type, ``drop``, and value
-``transform``s; ``add`` lists new required columns with their default. Table names
-stay the same on both sides.
+``transform``s; ``add`` lists new required columns with their default; ``rename``
+lands the table on the target under another name (``name``) and/or schema
+(``schema.name``).
+
+A renamed table is copied under its source name, then renamed by :meth:`TablePlan.ddl`
+with the column DDL, after post-data (its indexes, constraints, triggers and owned
+sequences follow it: a ``SET SCHEMA`` moves owned sequences too, under their own
+names). The same statements record the rename in the target's state schema
+(``table_rename``), so what only knows the migrated tables by their source names —
+the write fence — finds the table on the target. Events are mapped by
+:meth:`Plan.map_event` onto the target's table, and :meth:`Plan.reverse_event` maps
+the target table's events back onto the source's.
 
 Every mapping is carried out by PostgreSQL, the same way in each path, so the snapshot,
 the streaming apply and verification cannot disagree: a cast is the target type's input
@@ -30,11 +40,13 @@ from typing import Any
 import yaml
 from psycopg import sql
 
-from cdcsync.core.events import Column, Event, RowChange, TableId
+from cdcsync.core.events import Column, Event, RowChange, TableId, Truncate
 from cdcsync.errors import ConfigError
 
 #: Built-in transforms without an argument, as SQL over the column.
 SIMPLE_TRANSFORMS = {"trim": "btrim", "lower": "lower", "upper": "upper"}
+#: The table, in the state schema on the target, that records each table renamed there.
+RENAME_REGISTRY = "table_rename"
 _TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .]*(\(\s*\d+(\s*,\s*\d+)?\s*\))?(\[\])*$")
 _SQL_TEXT = re.compile(r"^[^;]*$")
 
@@ -91,10 +103,17 @@ class TablePlan:
     filter: str | None = None
     columns: Mapping[str, ColumnPlan] = field(default_factory=dict)
     add: tuple[NewColumn, ...] = ()
+    rename: TableId | None = None  # the table's name on the target (None: the same)
+
+    @property
+    def target_table(self) -> TableId:
+        """The table's name on the target."""
+        return self.rename or self.table
 
     @property
     def maps_columns(self) -> bool:
-        return bool(self.columns or self.add)
+        """Whether events and rows need mapping: columns changed or the table renamed."""
+        return bool(self.columns or self.add or self.rename)
 
     def target_of(self, column: str) -> str | None:
         """The target column ``column`` lands in (None: dropped)."""
@@ -125,11 +144,13 @@ class TablePlan:
                 out = sql.SQL("({})::text::{}").format(out, sql.SQL(plan.cast))
         return out
 
-    def ddl(self) -> list[sql.Composed]:
+    def ddl(self, state_schema: str = "cdcsync") -> list[sql.Composed]:
         """Statements that turn the source-shaped table on the target into the planned one.
 
         In an order that is valid from the copied shape: values first (transforms,
-        casts), then drops, renames and the new columns.
+        casts), then drops, column renames and the new columns, then the table's own
+        rename (``RENAME TO``, then ``SET SCHEMA`` into a schema created if missing) and
+        its record in ``state_schema``'s rename registry.
         """
         t = sql.Identifier(self.table.schema, self.table.name)
         out: list[sql.Composed] = []
@@ -172,14 +193,61 @@ class TablePlan:
                     t, sql.Identifier(a.name), sql.SQL(a.type), sql.SQL(a.default)
                 )
             )
+        if self.rename is not None:
+            out.extend(self._rename_ddl(state_schema))
+        return out
+
+    def _rename_ddl(self, state_schema: str) -> list[sql.Composed]:
+        assert self.rename is not None
+        src, dst = self.table, self.rename
+        out: list[sql.Composed] = []
+        if dst.name != src.name:
+            out.append(
+                sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                    sql.Identifier(src.schema, src.name), sql.Identifier(dst.name)
+                )
+            )
+        if dst.schema != src.schema:
+            out.append(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(dst.schema)))
+            out.append(
+                sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                    sql.Identifier(src.schema, dst.name), sql.Identifier(dst.schema)
+                )
+            )
+        registry = sql.Identifier(state_schema, RENAME_REGISTRY)
+        out.append(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(state_schema)))
+        out.append(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (source_schema text NOT NULL, "
+                "source_name text NOT NULL, target_schema text NOT NULL, "
+                "target_name text NOT NULL, PRIMARY KEY (source_schema, source_name))"
+            ).format(registry)
+        )
+        out.append(
+            sql.SQL(
+                "INSERT INTO {} VALUES ({}, {}, {}, {}) ON CONFLICT (source_schema, source_name) "
+                "DO UPDATE SET target_schema = excluded.target_schema, "
+                "target_name = excluded.target_name"
+            ).format(
+                registry,
+                sql.Literal(src.schema),
+                sql.Literal(src.name),
+                sql.Literal(dst.schema),
+                sql.Literal(dst.name),
+            )
+        )
         return out
 
     def map_event(self, event: RowChange) -> RowChange:
-        """A source row change in the target's column names (values as the source sent them)."""
+        """A source row change in the target's table and column names (values as the
+        source sent them)."""
         if not self.columns:
-            return event
+            if self.rename is None:
+                return event
+            return dataclasses.replace(event, table=self.rename)
         return dataclasses.replace(
             event,
+            table=self.target_table,
             key=self._row(event.key),
             before=None if event.before is None else self._row(event.before),
             after=None if event.after is None else self._row(event.after),
@@ -214,6 +282,7 @@ class TablePlan:
         ]
         return dataclasses.replace(
             event,
+            table=self.table,
             key=row(event.key),
             before=None if event.before is None else row(event.before),
             after=None if event.after is None else row(event.after),
@@ -236,6 +305,48 @@ class Plan:
     def table(self, table: TableId) -> TablePlan:
         return self.tables.get(table) or TablePlan(table)
 
+    def target_table(self, table: TableId) -> TableId:
+        """Where the source's ``table`` lands on the target."""
+        found = self.tables.get(table)
+        return table if found is None else found.target_table
+
+    def on_target(self, tables: list[TableId]) -> list[TableId]:
+        """``tables`` (the source's names) as the target names them."""
+        return [self.target_table(t) for t in tables]
+
+    def source_table(self, table: TableId) -> TableId:
+        """The source table a target table comes from (itself unless renamed onto)."""
+        return self._by_target.get(table, table)
+
+    @property
+    def renames(self) -> dict[TableId, TableId]:
+        """Source name → target name, for the included tables the plan renames."""
+        return {t: p.rename for t, p in self.tables.items() if p.include and p.rename}
+
+    @property
+    def _by_target(self) -> dict[TableId, TableId]:
+        return {v: k for k, v in self.renames.items()}
+
+    def sequence_names(
+        self, owners: Mapping[TableId, TableId], *, from_target: bool = False
+    ) -> dict[TableId, TableId]:
+        """Sequence → its name on the other side, for the sequences whose owning table the
+        plan moves into another schema (``SET SCHEMA`` moves owned sequences along, under
+        their own names; a rename within a schema leaves them where they are).
+
+        ``owners`` maps each sequence to the table owning it, both as the side read
+        names them: the source's (the default) or the target's (``from_target``).
+        """
+        out: dict[TableId, TableId] = {}
+        for seq, owner in owners.items():
+            source = self.source_table(owner) if from_target else owner
+            target = self.target_table(source)
+            there = source if from_target else target
+            here = target if from_target else source
+            if there.schema != here.schema and seq.schema == here.schema:
+                out[seq] = TableId(there.schema, seq.name)
+        return out
+
     def included(self, tables: list[TableId]) -> list[TableId]:
         return [t for t in tables if self.table(t).include]
 
@@ -251,14 +362,29 @@ class Plan:
         return hashlib.sha256(self.source.encode()).hexdigest()[:16]
 
     def map_event(self, event: Event) -> Event:
+        """A source event in the target's names (table and columns)."""
         if isinstance(event, RowChange) and event.table in self.tables:
             return self.tables[event.table].map_event(event)
+        if isinstance(event, Truncate) and event.table in self.tables:
+            return dataclasses.replace(event, table=self.tables[event.table].target_table)
         return event
 
     def reverse_event(self, event: Event) -> Event:
-        if isinstance(event, RowChange) and event.table in self.tables:
-            return self.tables[event.table].reverse_event(event)
-        return event
+        """A target event in the source's names: a renamed table's events arrive under
+        its target name and are mapped back onto the source table."""
+        if not isinstance(event, RowChange | Truncate):
+            return event
+        source = self._by_target.get(event.table)
+        if source is None:
+            if event.table in self.renames:
+                return event  # renamed away: nothing on the target carries this name
+            source = event.table
+        tp = self.tables.get(source)
+        if tp is None:
+            return event
+        if isinstance(event, Truncate):
+            return dataclasses.replace(event, table=source)
+        return tp.reverse_event(event)
 
 
 EMPTY = Plan()
@@ -288,6 +414,7 @@ def parse(raw: Any, where: str = "plan") -> Plan:
     for name, body in (raw.get("tables") or {}).items():
         table = _table_id(name, f"{where}: tables")
         tables[table] = _table(table, body or {}, f"{where}: tables.{name}")
+    _check_renames(tables, where)
     order = tuple(_table_id(n, f"{where}: copy_order") for n in raw.get("copy_order") or [])
     parallelism = raw.get("parallelism")
     if parallelism is not None and (not isinstance(parallelism, int) or parallelism < 1):
@@ -305,6 +432,30 @@ def parse(raw: Any, where: str = "plan") -> Plan:
     # What shapes the target's data; run knobs (parallelism, verify, cutover) may change.
     canonical = json.dumps(raw.get("tables") or {}, sort_keys=True, default=str)
     return Plan(tables, order, parallelism, level, cutover, canonical)
+
+
+def _check_renames(tables: Mapping[TableId, TablePlan], where: str) -> None:
+    """Every migrated table lands on a name of its own: no two renames onto one name, no
+    rename onto a table the plan migrates (under its own name, or renamed away: a chain
+    or a swap of names would need an order of renames the snapshot does not keep)."""
+    taken: dict[TableId, TableId] = {}
+    for table, tp in tables.items():
+        if not tp.include or tp.rename is None:
+            continue
+        at = f"{where}: tables.{table}.rename"
+        other = taken.get(tp.rename)
+        if other is not None:
+            raise ConfigError(
+                f"{at}: {other} is renamed onto {tp.rename} too "
+                f"(tables.{other}.rename): two tables cannot land in one"
+            )
+        onto = tables.get(tp.rename)
+        if onto is not None and onto.include:
+            raise ConfigError(
+                f"{at}: {tp.rename} is a migrated table (tables.{tp.rename}): "
+                "a table cannot be renamed onto another migrated table"
+            )
+        taken[tp.rename] = table
 
 
 def _only(raw: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -335,10 +486,11 @@ def _type(value: Any, where: str) -> str:
 def _table(table: TableId, body: Any, where: str) -> TablePlan:
     if not isinstance(body, dict):
         raise ConfigError(f"{where}: must be a mapping")
-    _only(body, {"include", "filter", "columns", "add"}, where)
+    _only(body, {"include", "filter", "columns", "add", "rename"}, where)
     include = body.get("include", True)
     if not isinstance(include, bool):
         raise ConfigError(f"{where}.include: must be true or false")
+    rename = _table_rename(table, body.get("rename"), f"{where}.rename")
     flt = body.get("filter")
     columns: dict[str, ColumnPlan] = {}
     for name, spec in (body.get("columns") or {}).items():
@@ -369,7 +521,21 @@ def _table(table: TableId, body: Any, where: str) -> TablePlan:
         None if flt is None else _sql_text(flt, f"{where}.filter"),
         columns,
         tuple(add),
+        rename,
     )
+
+
+def _table_rename(table: TableId, value: Any, where: str) -> TableId | None:
+    """``name`` (same schema) or ``schema.name``; None when absent or the same name."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or value.count(".") > 1 or "" in value.split("."):
+        raise ConfigError(f"{where}: {value!r} must be a table name or schema.name")
+    schema, _, name = value.rpartition(".")
+    target = TableId(schema or table.schema, name)
+    if max(len(target.schema.encode()), len(target.name.encode())) > 63:
+        raise ConfigError(f"{where}: {value!r} is longer than PostgreSQL's 63-byte names")
+    return None if target == table else target
 
 
 def _column(name: str, spec: Any, where: str) -> ColumnPlan:
@@ -449,4 +615,9 @@ def validate_against(
         for a in tp.add:
             if a.name in have and tp.target_of(a.name) == a.name:
                 problems.append(f"plan: {table} already has a column {a.name}")
+        if tp.include and tp.rename is not None and tp.rename in columns:
+            problems.append(
+                f"plan: tables.{table}.rename: {tp.rename} is a migrated table: "
+                "a table cannot be renamed onto another migrated table"
+            )
     return problems

@@ -3,7 +3,8 @@
 The source side is read as the plan maps it — each compared column's value is the SQL
 of :meth:`TablePlan.value_sql` (transforms, then the ``::text::type`` cast), its rows
 restricted by the plan's filter — and the target side as it is, under the target's
-column names. A :class:`Mapping` pairs the two: the compared columns in the source's
+column names, in the table the plan renames it to (:attr:`Mapping.target_table`). A
+:class:`Mapping` pairs the two: the compared columns in the source's
 column order, the key named per side (a key column can be renamed, never cast or
 transformed, so ranges are cut on the same key values), and each side's filter.
 Dropped columns are not compared. Columns the plan adds on the target are left out of
@@ -67,11 +68,17 @@ class Mapping:
     added: tuple[tuple[str, str], ...] = ()  # (column, its default expression)
     skipped: tuple[str, ...] = ()  # notes: columns left out, and why
     uncompared: tuple[str, ...] = ()  # target columns left out on purpose (not added ones)
+    renamed: TableId | None = None  # the table's name on the target, when the plan renames it
+
+    @property
+    def target_table(self) -> TableId:
+        return self.renamed or self.table
 
     @property
     def identity(self) -> bool:
         return (
-            self.source_filter is None
+            self.renamed is None
+            and self.source_filter is None
             and self.target_filter is None
             and not self.added
             and not self.skipped
@@ -131,7 +138,7 @@ def build(
 ) -> Mapping:
     """The comparison of ``table``: ``source_columns`` (name → type, in order) and key
     as the source has them, the plan's mapping (None: none), ``reverse`` as above."""
-    if plan is None or (not plan.maps_columns and plan.filter is None):
+    if plan is None or (not plan.maps_columns and plan.filter is None):  # renames map too
         pairs = tuple(Pair(c, c, sql.Identifier(c), sql.Identifier(c)) for c in source_columns)
         return Mapping(table, pairs, tuple(source_key), tuple(source_key))
     out: list[Pair] = []
@@ -182,6 +189,7 @@ def build(
         tuple((a.name, a.default) for a in plan.add),
         tuple(skipped),
         tuple(uncompared),
+        plan.rename,
     )
 
 
@@ -195,7 +203,8 @@ def reverse_filter(
     Transformed and dropped columns are not offered.
     """
     assert plan.filter is not None
-    rel = (table.schema, table.name)
+    on_target = plan.target_table
+    rel = (on_target.schema, on_target.name)
     exprs: list[sql.Composable] = []
     for name, typ in source_columns.items():
         col = plan.columns.get(name)

@@ -29,6 +29,7 @@ import psycopg
 
 from cdcsync import faultpoints
 from cdcsync.adapters import offset_store, replay_store
+from cdcsync.adapters.kafka_log import client_logging
 from cdcsync.adapters.pg import connect
 from cdcsync.adapters.pg_apply import (
     ApplyError,
@@ -159,7 +160,7 @@ class StreamLoop:
         self.stop = stop or threading.Event()
         self.plan = plan_mod.load(settings.plan) if settings.plan else plan_mod.EMPTY
         # Events arrive in the names of the side they come from: forward ones are mapped
-        # onto the target's columns, reverse ones back onto the source's.
+        # onto the target's tables and columns, reverse ones back onto the source's.
         self._map: Callable[[Event], Event] | None = None
         if self.plan.maps_columns:
             forward = endpoint.direction == "forward"
@@ -200,9 +201,12 @@ class StreamLoop:
         conn.commit()
         source = connect(self.endpoint.source_dsn, "source", autocommit=True)
         source.read_only = True
+        allowed = self.endpoint.tables
+        if allowed is not None and self.endpoint.direction == "forward":
+            allowed = set(self.plan.on_target(sorted(allowed, key=str)))  # mapped events' names
         applier = PgApplier(
             conn,
-            tables=self.endpoint.tables,
+            tables=allowed,
             unknown_table=self.settings.apply.unknown_table,
             fetch_source=_mapped_fetch(fetch_rows_by_key(source), self.plan, self.endpoint),
             add_columns=column_adder(source) if self.settings.apply.add_new_columns else None,
@@ -236,6 +240,7 @@ class StreamLoop:
                 "fetch.max.bytes": 16 * 1024 * 1024,
                 "topic.metadata.refresh.interval.ms": 5000,
                 "log_level": 3,
+                **client_logging(),  # served by consume(), which runs all the time
             }
         )
 
@@ -260,8 +265,11 @@ class StreamLoop:
             conn.rollback()
             for tp in partitions:
                 key = (tp.topic, tp.partition)
-                low = _low_watermark(c, tp)
-                self.low[key] = int(low)
+                # No broker round trip here: a callback that blocks (a broker still
+                # electing leaders after a crash) misses heartbeats, the group evicts the
+                # member, and the next assignment blocks again. The low watermark is only
+                # needed for a partition nothing was applied from: ``_decode`` asks then.
+                self.low.pop(key, None)
                 start = stored.get(key)
                 self.expected[key] = start
                 tp.offset = start if start is not None else OFFSET_BEGINNING
@@ -472,7 +480,14 @@ class StreamLoop:
         key = (topic, partition)
         expected = self.expected.get(key)
         if expected != offset:  # the common case, in order, needs no further check
-            problem = gap(expected, self.low.get(key, 0), offset)
+            low = self.low.get(key)
+            if low is None and expected is None and offset > 0:
+                from confluent_kafka import TopicPartition
+
+                low = self.low[key] = _low_watermark(
+                    self._consumer, TopicPartition(topic, partition)
+                )
+            problem = gap(expected, low or 0, offset)
             if problem:
                 raise HaltedError(
                     f"offset gap on {topic}[{partition}]: {problem} — refusing to skip "
@@ -624,14 +639,15 @@ class StreamLoop:
         for tp, nxt in batch.next_offset.items():
             first = batch.first_offset[tp]
             lsn, ts = last.get(tp, (None, None))
-            out.append(offset_store.Progress(tp[0], tp[1], first if first else None, nxt, lsn, ts))
+            out.append(offset_store.Progress(tp[0], tp[1], first, nxt, lsn, ts))
         return out
 
 
 def _transforms(plan: plan_mod.Plan) -> dict[TableId, dict[str, ValueSql]]:
-    """The plan's transforms as SQL over the applier's staged values."""
+    """The plan's transforms as SQL over the applier's staged values, by target table."""
     out: dict[TableId, dict[str, ValueSql]] = {}
-    for table, tp in plan.tables.items():
+    for tp in plan.tables.values():
+        table = tp.target_table
         for column, chain in tp.transformed().items():
 
             def value(ref: Any, chain: Any = chain) -> Any:
@@ -654,7 +670,11 @@ def _reverse_casts(plan: plan_mod.Plan) -> dict[TableId, dict[str, str]]:
 
 
 def _mapped_fetch(fetch: SourceFetch, plan: plan_mod.Plan, endpoint: Endpoint) -> SourceFetch:
-    """Reads rows by key from the side events come from, in the names the applier uses."""
+    """Reads rows by key from the side events come from, in the names the applier uses.
+
+    ``table`` is the applier's (the target's name forward, the source's in reverse); the
+    rows are read from the other side's table of the same plan entry.
+    """
     if not plan.maps_columns:
         return fetch
     forward = endpoint.direction == "forward"
@@ -662,10 +682,11 @@ def _mapped_fetch(fetch: SourceFetch, plan: plan_mod.Plan, endpoint: Endpoint) -
     def mapped(
         table: TableId, key: tuple[str, ...], keys: list[tuple[Any, ...]]
     ) -> dict[tuple[Any, ...], dict[str, Any]]:
-        tp = plan.table(table)
+        tp = plan.table(plan.source_table(table) if forward else table)
         there = tp.source_of if forward else tp.target_of
         back = tp.target_of if forward else tp.source_of
-        rows = fetch(table, tuple(str(there(k)) for k in key), keys)
+        origin = tp.table if forward else tp.target_table
+        rows = fetch(origin, tuple(str(there(k)) for k in key), keys)
         return {
             k: {b: v for n, v in row.items() if (b := back(n)) is not None}
             for k, row in rows.items()

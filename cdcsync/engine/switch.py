@@ -352,6 +352,10 @@ class Switcher:
             self._conns["state"] = conn
         return conn
 
+    def named(self, side: sw.Side) -> list[TableId]:
+        """The migrated tables as ``side`` names them (the plan may rename them on the target)."""
+        return named_on(self.settings, side, self.tables)
+
     def budget_left(self) -> float:
         if self.freeze_started is None:
             return self.options.freeze_timeout
@@ -585,9 +589,23 @@ class Switcher:
         return {"verification": {**summary, "at": time.time()}}
 
     def step_sequences(self) -> dict[str, Any] | None:
-        schemas = sorted({t.schema for t in self.tables})
+        schemas = sorted({t.schema for t in self.named(self.route.old)})
         old = self.db(self.route.old)
         values = sequences.read(old, catalog.sequences(old, schemas))
+        if self.settings.plan:
+            from cdcsync.core import plan as plan_mod
+
+            # Owned sequences of a table the plan moves into another schema moved with it.
+            moved = plan_mod.load(self.settings.plan).sequence_names(
+                sequence_owners(old, [v.sequence for v in values]),
+                from_target=self.route.old == "target",
+            )
+            values = [
+                sequences.SequenceValue(
+                    moved.get(v.sequence, v.sequence), v.last_value, v.is_called
+                )
+                for v in values
+            ]
         new = connect(self.dsn[self.route.new], self.route.new)
         try:
             done = sequences.write(new, values)
@@ -603,7 +621,9 @@ class Switcher:
             "SELECT 1 FROM pg_publication WHERE pubname = %s", (stream.publication,)
         ).fetchone()
         if not exists:
-            boundary.create_publication(conn, stream.publication, _with_kind(conn, self.tables))
+            boundary.create_publication(
+                conn, stream.publication, _with_kind(conn, self.named(stream.reads))
+            )
         info = boundary.slot_info(conn, stream.slot)
         if info is None:
             row = conn.execute(
@@ -621,7 +641,7 @@ class Switcher:
         return {"primary": self.route.new}
 
     def step_unfreeze(self) -> dict[str, Any] | None:
-        fence.remove(self.db(self.route.new), self.tables)
+        fence.remove(self.db(self.route.new), self.tables, schema=self.settings.state_schema)
         pool = self.settings.pgbouncer
         if pool is not None:
             from cdcsync.adapters.pgbouncer import PgbouncerAdmin, backend_of
@@ -757,7 +777,7 @@ class Switcher:
         out.append(self._catch_up_gate(stream))
         out.append(self._dead_letter_gate(stream))
         new = self.db(self.route.new)
-        unfenced = fence.check(new, self.tables)
+        unfenced = fence.check(new, self.tables, schema=self.settings.state_schema)
         out.append(
             Gate(
                 "new primary fenced",
@@ -947,7 +967,7 @@ def undo(
     info = boundary.slot_info(new_conn, route.arming.slot)
     if info is not None and info.active_pid is None:
         boundary.drop_slot(new_conn, route.arming.slot)
-    fence.remove(db(route.old), tables)
+    fence.remove(db(route.old), tables, schema=settings.state_schema)
     pool = settings.pgbouncer
     if pool is not None:
         from cdcsync.adapters.pgbouncer import PgbouncerAdmin
@@ -976,9 +996,23 @@ def stop_connector(client: ConnectClient, name: str, timeout: float = 60.0) -> N
         time.sleep(0.1)
 
 
+def named_on(settings: Settings, side: sw.Side, tables: list[TableId]) -> list[TableId]:
+    """``tables`` (the source's names) as ``side`` names them: the plan may rename them on
+    the target."""
+    if side != "target" or not settings.plan:
+        return tables
+    from cdcsync.core import plan as plan_mod
+
+    return plan_mod.load(settings.plan).on_target(tables)
+
+
 def arm_connector(settings: Settings, stream: Stream, tables: list[TableId], point: str) -> None:
-    """Register (or re-point) the connector of ``stream`` on its slot; stale offsets go."""
+    """Register (or re-point) the connector of ``stream`` on its slot; stale offsets go.
+
+    ``tables`` are the source's names; the connector reads them as its side names them.
+    """
     side = stream.reads
+    tables = named_on(settings, side, tables)
     dsn = settings.source_dsn if side == "source" else settings.target_dsn
     config = source_connector_config(
         settings,
@@ -1219,10 +1253,11 @@ def count_sides(
 
     if plan is not None:
         tables = plan.included(tables)
+    there = tables if plan is None else plan.on_target(tables)  # ``new`` is the target
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         on_old = pool.submit(count_rows, old, tables)
-        on_new = pool.submit(count_rows, new, tables)
+        on_new = pool.submit(count_rows, new, there)
         a, b = on_old.result(), on_new.result()
     return {
         "level": "counts",
@@ -1258,6 +1293,22 @@ def verify_sides(
         "rows": sum(r.source_rows or 0 for r in result.tables),
         "mismatches": {str(t): int(n) for t, n in result.mismatches.items() if n},
     }
+
+
+def sequence_owners(conn: psycopg.Connection[Any], seqs: list[TableId]) -> dict[TableId, TableId]:
+    """Sequence → the table owning it (serial and identity columns), for ``seqs``."""
+    if not seqs:
+        return {}
+    rows = conn.execute(
+        "SELECT sn.nspname, s.relname, tn.nspname, t.relname FROM pg_depend d "
+        "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+        "JOIN pg_namespace sn ON sn.oid = s.relnamespace "
+        "JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace "
+        "WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
+        "AND d.deptype IN ('a', 'i') AND d.objid = ANY(%s::regclass[]::oid[])",
+        ([catalog.qualified(s) for s in seqs],),
+    ).fetchall()
+    return {TableId(str(a), str(b)): TableId(str(c), str(d)) for a, b, c, d in rows}
 
 
 def _with_kind(conn: psycopg.Connection[Any], tables: list[TableId]) -> list[tuple[TableId, bool]]:
@@ -1352,8 +1403,8 @@ def finalize_migration(settings: Settings, actor: str, argv: dict[str, Any]) -> 
                 ("target", settings.target_conninfo()),
             ):
                 with connect(dsn, side, autocommit=True) as conn:
-                    if any(fence.fenced(conn, tables).values()):
-                        fence.remove(conn, tables)
+                    if any(fence.fenced(conn, tables, schema=settings.state_schema).values()):
+                        fence.remove(conn, tables, schema=settings.state_schema)
                         done.append(f"write fences on the {side}")
             write_state(state_conn, settings, new_state, {"finalized_at": time.time()})
             audit(state_conn, settings, actor, "finalize", argv, "done", {"removed": done})

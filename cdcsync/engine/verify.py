@@ -35,7 +35,9 @@ Under a migration plan each included table is compared as the plan maps it
 (:mod:`cdcsync.core.verify_plan`): the source side computes each compared column as
 it lands on the target (transforms, then the ``::text::type`` cast), under the target's
 column name, its rows restricted by the plan's filter in every range, drill-down and
-count; the target is read as it is. Reconciliation sums are of the mapped values. Key
+count; the target is read as it is, in the table the plan renames the source's to (each
+side's queries name their own table; results name the source's). Reconciliation sums
+are of the mapped values. Key
 columns may be renamed, so ranges are cut on key values named per side, and differing
 keys are reported under the target's names. Dropped columns are not compared; added
 ones are left out of the row hash (their values are the target's own), and the rows
@@ -571,7 +573,7 @@ def plan_problems(
                     "target",
                     target,
                     sql.SQL("SELECT 1 FROM {}{} LIMIT 0").format(
-                        _ident(table), mapping.target_where(None)
+                        _ident(mapping.target_table), mapping.target_where(None)
                     ),
                 )
             )
@@ -825,6 +827,7 @@ class _View:
     key: tuple[str, ...]
     hash: sql.Composable
     sums: tuple[sql.Composable, ...]  # the numeric values, in :attr:`_Table.numeric` order
+    relation: sql.Composable  # the table as this side names it (the plan may rename it)
     filter: sql.Composable | None = None
     row: tuple[sql.Composable, ...] = ()  # the compared values, for keyless tables
 
@@ -869,6 +872,7 @@ def _spec(table: TableId, mapping: vp.Mapping, src: _Shape, tgt: _Shape) -> _Tab
             mapping.source_key,
             s_hash,
             tuple(p.source_value for p in summed),
+            _ident(table),
             mapping.source_filter,
             tuple(p.source_value for p in mapping.pairs),
         ),
@@ -876,6 +880,7 @@ def _spec(table: TableId, mapping: vp.Mapping, src: _Shape, tgt: _Shape) -> _Tab
             mapping.target_key,
             t_hash,
             tuple(p.target_value for p in summed),
+            _ident(mapping.target_table),
             mapping.target_filter,
             tuple(p.target_value for p in mapping.pairs),
         ),
@@ -961,14 +966,19 @@ class _Checker:
             result.notes.append("excluded by the plan: not migrated, not compared")
             return result, None
         rec: Reconciliation | None = Reconciliation()
+        on_target = table if tp is None else tp.target_table  # a renamed table's name there
         s_future = self.source.submit(lambda c: _shape(c, table))
-        t_future = self.target.submit(lambda c: _shape(c, table))
+        t_future = self.target.submit(lambda c: _shape(c, on_target))
         src, tgt = s_future.result(), t_future.result()
         if not src.exists or src.kind not in ("r", "p"):
             raise ConfigError(f"table {table} not found on the source")
         mapping = None
         if not tgt.exists or tgt.kind not in ("r", "p"):
-            result.error = "table missing on the target"
+            result.error = (
+                "table missing on the target"
+                if on_target == table
+                else f"table missing on the target (renamed by the plan to {on_target})"
+            )
         else:
             try:
                 mapping = vp.build(table, tp, src.columns, src.key, reverse=self.reverse)
@@ -1011,6 +1021,8 @@ class _Checker:
             elif theirs != typ:
                 result.notes.append(f"{p.target}: {typ} on the source, {theirs} on target")
         result.notes.extend(mapping.skipped)
+        if mapping.renamed is not None:
+            result.notes.append(f"renamed by the plan: {mapping.renamed} on the target")
         if mapping.source_filter is not None:
             where = "both sides" if mapping.target_filter is not None else "the source"
             result.notes.append(f"rows filtered by the plan on {where}")
@@ -1032,7 +1044,7 @@ class _Checker:
         )
         try:
             row = self.target.query(
-                sql.SQL("SELECT {} FROM {}").format(counts, _ident(mapping.table))
+                sql.SQL("SELECT {} FROM {}").format(counts, _ident(mapping.target_table))
             ).result()[0]
         except psycopg.Error as exc:
             result.notes.append(f"added column(s): their defaults could not be compared ({exc})")
@@ -1048,7 +1060,7 @@ class _Checker:
     def _counts(self, spec: _Table, result: TableResult, rec: Reconciliation) -> None:
         result.method = "count"
         s, t = self.each(
-            lambda v: sql.SQL("SELECT count(*) FROM {}{}").format(_ident(spec.table), v.where()),
+            lambda v: sql.SQL("SELECT count(*) FROM {}{}").format(v.relation, v.where()),
             spec,
         )
         result.source_rows, result.target_rows = int(s[0][0]), int(t[0][0])
@@ -1077,7 +1089,7 @@ class _Checker:
                 ).format(
                     _texts("s", key),
                     _cols(key),
-                    _ident(spec.table),
+                    spec.source.relation,
                     sql.Literal(vr.sample_percent(shape.blocks, pieces)),
                     sql.SQL(", ").join(sql.Identifier("s", k) for k in key),
                 )
@@ -1154,7 +1166,7 @@ class _Checker:
             return sql.SQL("SELECT {} FROM (SELECT {} FROM {}{} OFFSET 0) s").format(
                 sql.SQL(", ").join(outer),
                 sql.SQL(", ").join(inner),
-                _ident(spec.table),
+                view.relation,
                 view.where(rng),
             )
 
@@ -1184,7 +1196,7 @@ class _Checker:
             return sql.SQL("SELECT {}, {}::text FROM {}{}{}").format(
                 _texts(None, view.key),
                 view.hash,
-                _ident(table),
+                view.relation,
                 view.where(rng),
                 sql.SQL("")
                 if limit is None
@@ -1237,7 +1249,7 @@ class _Checker:
                 _texts("s", view.key),
                 _cols(view.key),
                 _cols(view.key),
-                _ident(table),
+                view.relation,
                 view.where(rng),
                 sql.Literal(step),
             )
@@ -1262,7 +1274,6 @@ class _Checker:
         """
         result.method = "row-digest buckets"
         rec = rec if rec is not None else Reconciliation()
-        table = spec.table
         numeric = spec.numeric
 
         def buckets(view: _View) -> sql.Composed:
@@ -1272,7 +1283,7 @@ class _Checker:
                     sql.SQL(", {} AS {}").format(v, sql.Identifier(f"n{i}"))
                     for i, v in enumerate(view.sums)
                 ),
-                _ident(table),
+                view.relation,
                 view.where(),
             )
             sums = [
@@ -1322,7 +1333,7 @@ class _Checker:
                 'SELECT h, count(*), min(r COLLATE "C") FROM (SELECT md5(x) AS h, x AS r FROM '
                 "(SELECT ROW({})::text AS x FROM {}{}) y) s WHERE substr(h, 1, 2) = ANY(%s) "
                 "GROUP BY h"
-            ).format(sql.SQL(", ").join(view.row), _ident(table), view.where())
+            ).format(sql.SQL(", ").join(view.row), view.relation, view.where())
 
         s_detail, t_detail = self.each(detail, spec, (differing,))
         text = {str(r[0]): str(r[2]) for r in (*s_detail, *t_detail)}

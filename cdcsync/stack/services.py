@@ -458,6 +458,11 @@ class ConnectService(JavaService):
                     "key.converter.schemas.enable=true",
                     "value.converter.schemas.enable=true",
                     "offset.flush.interval.ms=50",
+                    # A worker that lost its broker rejoins under a new member id; its
+                    # old tasks count as lost and, by default, wait 5 minutes for the
+                    # old member to come back before being assigned again. One worker:
+                    # nobody else will come back, so reassign them almost at once.
+                    "scheduled.rebalance.max.delay.ms=5000",
                     f"listeners=http://127.0.0.1:{self.state.port}",
                     "rest.advertised.host.name=127.0.0.1",
                     f"rest.advertised.port={self.state.port}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -9,7 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdcsync.core import plan as plan_mod
-from cdcsync.core.events import Column, Op, Position, RowChange, SourceInfo, TableId
+from cdcsync.core.events import (
+    Column,
+    Op,
+    Position,
+    RowChange,
+    SourceInfo,
+    TableId,
+    Truncate,
+    Value,
+)
 from cdcsync.errors import ConfigError
 
 T = TableId("public", "t")
@@ -225,3 +235,203 @@ def test_copy_order_goes_first() -> None:
         ("big", 0),
     ]
     assert [c.table.name for c in schedule(chunks)] == ["big", "mid", "mid", "small"]
+
+
+# table renames ------------------------------------------------------------------------
+
+SCHEMAS = st.sampled_from(["public", "sales", "Odd Schema"])
+TABLES = st.sampled_from(["t", "u", "orders", "Mixed Case"])
+
+
+def truncate(table: TableId) -> Truncate:
+    return Truncate(table, SourceInfo(1, 1, 1), Position("x.t", 0, 1))
+
+
+@given(
+    st.dictionaries(NAMES, st.one_of(st.none(), st.integers(), st.text(max_size=5)), min_size=1),
+    SCHEMAS,
+    TABLES,
+    st.booleans(),
+)
+def test_table_renames_round_trip(
+    row: dict[str, Any], schema: str, name: str, with_columns: bool
+) -> None:
+    """A renamed table's events land on its target name and come back onto the source's;
+    column renames of the same entry travel with it, other tables pass through."""
+    target = TableId(schema, name)
+    spec: dict[str, Any] = {"rename": f"{schema}.{name}"}
+    if with_columns:
+        spec["columns"] = {"a": {"rename": "a_new"}}
+    plan = plan_mod.parse({"tables": {"public.t": spec}})
+    event = change(row)
+    mapped = plan.map_event(event)
+    assert isinstance(mapped, RowChange)
+    assert mapped.table == target
+    if with_columns and "a" in row:
+        assert "a_new" in (mapped.after or {})
+    assert plan.reverse_event(mapped) == event
+    assert plan.target_table(T) == target
+    assert plan.source_table(target) == T
+    for e in (truncate(T),):
+        there = plan.map_event(e)
+        assert isinstance(there, Truncate) and there.table == target
+        assert plan.reverse_event(there) == e
+    other = dataclasses.replace(event, table=TableId("public", "other"))
+    if target != other.table:
+        assert plan.map_event(other) is other
+        assert plan.reverse_event(other) is other
+
+
+def test_a_rename_without_schema_keeps_the_schema_and_the_same_name_is_no_rename() -> None:
+    plan = plan_mod.parse({"tables": {"sales.t": {"rename": "t2"}, "public.t": {"rename": "t"}}})
+    assert plan.target_table(TableId("sales", "t")) == TableId("sales", "t2")
+    assert plan.table(T).rename is None
+    assert plan.renames == {TableId("sales", "t"): TableId("sales", "t2")}
+    assert plan.maps_columns  # events of a renamed table need mapping
+
+
+def test_a_table_renamed_away_is_not_mapped_back_from_its_old_name() -> None:
+    plan = plan_mod.parse({"tables": {"public.t": {"rename": "t2"}}})
+    event = change({"a": 1})
+    assert plan.reverse_event(event) is event
+
+
+@pytest.mark.parametrize(
+    ("tables", "needle"),
+    [
+        (
+            {"public.a": {"rename": "x"}, "public.b": {"rename": "public.x"}},
+            "tables.public.b.rename: public.a is renamed onto public.x too",
+        ),
+        ({"public.a": {"rename": "b"}, "public.b": {}}, "tables.public.a.rename: public.b is a"),
+        (
+            {"public.a": {"rename": "b"}, "public.b": {"rename": "c"}},
+            "tables.public.a.rename: public.b is a migrated table",
+        ),
+        ({"public.a": {"rename": "s.b.c"}}, "tables.public.a.rename: 's.b.c' must be"),
+        ({"public.a": {"rename": ".b"}}, "must be a table name"),
+        ({"public.a": {"rename": 7}}, "must be a table name"),
+        ({"public.a": {"rename": "x" * 64}}, "63-byte"),
+    ],
+)
+def test_bad_table_renames_name_the_plan_location(tables: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        plan_mod.parse({"tables": tables})
+    assert needle in str(exc.value)
+
+
+def test_renames_onto_an_excluded_table_or_from_one_are_fine() -> None:
+    plan = plan_mod.parse(
+        {
+            "tables": {
+                "public.a": {"rename": "b"},
+                "public.b": {"include": False},
+                "public.c": {"include": False, "rename": "b"},
+            }
+        }
+    )
+    assert plan.renames == {TableId("public", "a"): TableId("public", "b")}
+
+
+def test_a_rename_onto_a_table_the_plan_does_not_list_is_a_problem_against_the_source() -> None:
+    plan = plan_mod.parse({"tables": {"public.t": {"rename": "u"}}})
+    u = TableId("public", "u")
+    problems = plan_mod.validate_against(plan, {T: ("a",), u: ("a",)}, {T: ("a",), u: ("a",)})
+    assert problems == [
+        "plan: tables.public.t.rename: public.u is a migrated table: a table cannot be "
+        "renamed onto another migrated table"
+    ]
+    assert plan_mod.validate_against(plan, {T: ("a",)}, {T: ("a",)}) == []
+
+
+def test_fingerprint_changes_with_a_rename() -> None:
+    base = {"tables": {"public.t": {"columns": {"a": {"rename": "b"}}}}}
+    renamed = {"tables": {"public.t": {"columns": {"a": {"rename": "b"}}, "rename": "t2"}}}
+    other = {"tables": {"public.t": {"columns": {"a": {"rename": "b"}}, "rename": "s.t2"}}}
+    prints = {plan_mod.parse(p).fingerprint() for p in (base, renamed, other)}
+    assert len(prints) == 3
+
+
+def test_rename_ddl_comes_last_moves_the_schema_and_records_the_rename() -> None:
+    plan = plan_mod.parse(
+        {
+            "tables": {
+                "public.t": {
+                    "rename": "Sales.Orders",
+                    "columns": {"a": {"rename": "b"}},
+                }
+            }
+        }
+    )
+    text = [s.as_string(None) for s in plan.table(T).ddl("state")]
+    assert text[0] == 'ALTER TABLE "public"."t" RENAME COLUMN "a" TO "b"'
+    assert text[1] == 'ALTER TABLE "public"."t" RENAME TO "Orders"'
+    assert text[2] == 'CREATE SCHEMA IF NOT EXISTS "Sales"'
+    assert text[3] == 'ALTER TABLE "public"."Orders" SET SCHEMA "Sales"'
+    assert text[4] == 'CREATE SCHEMA IF NOT EXISTS "state"'
+    assert text[5].startswith('CREATE TABLE IF NOT EXISTS "state"."table_rename"')
+    assert text[6].startswith(
+        "INSERT INTO \"state\".\"table_rename\" VALUES ('public', 't', 'Sales', 'Orders')"
+    )
+    same_name = plan_mod.parse({"tables": {"public.t": {"rename": "other.t"}}})
+    moves = [s.as_string(None) for s in same_name.table(T).ddl()]
+    assert not any("RENAME TO" in m for m in moves)
+    assert 'ALTER TABLE "public"."t" SET SCHEMA "other"' in moves
+
+
+def test_owned_sequences_follow_a_table_into_its_new_schema_and_back() -> None:
+    plan = plan_mod.parse(
+        {
+            "tables": {
+                "public.orders": {"rename": "sales.orders_v2"},
+                "public.notes": {"rename": "n2"},
+            }
+        }
+    )
+    orders, notes, plain = (TableId("public", n) for n in ("orders", "notes", "plain"))
+    seq = {n: TableId("public", f"{n}_id_seq") for n in ("orders", "notes", "plain")}
+    owners = {seq["orders"]: orders, seq["notes"]: notes, seq["plain"]: plain}
+    there = plan.sequence_names(owners)
+    assert there == {seq["orders"]: TableId("sales", "orders_id_seq")}
+    back = plan.sequence_names(
+        {
+            TableId("sales", "orders_id_seq"): TableId("sales", "orders_v2"),
+            seq["notes"]: TableId("public", "n2"),
+        },
+        from_target=True,
+    )
+    assert back == {TableId("sales", "orders_id_seq"): seq["orders"]}
+
+
+def test_the_applier_finds_a_renamed_tables_transforms_and_rows_by_its_target_name() -> None:
+    """Forward events carry the target's table name: the transforms are keyed by it, and
+    rows read by key come from the source's table in the source's column names."""
+    from cdcsync.engine.stream import Endpoint, _mapped_fetch, _transforms
+
+    plan = plan_mod.parse(
+        {
+            "tables": {
+                "public.t": {
+                    "rename": "s.t2",
+                    "columns": {"a": {"rename": "a2"}, "b": {"transform": "trim"}},
+                }
+            }
+        }
+    )
+    moved = TableId("s", "t2")
+    assert set(_transforms(plan)) == {moved}
+    assert set(_transforms(plan)[moved]) == {"b"}
+    calls: list[tuple[TableId, tuple[str, ...]]] = []
+
+    def fetch(
+        table: TableId, key: tuple[str, ...], keys: list[tuple[Value, ...]]
+    ) -> dict[tuple[Value, ...], dict[str, Value]]:
+        calls.append((table, key))
+        first = "a2" if table == moved else "a"  # each side's own column names
+        return {k: {first: k[0], "b": "x"} for k in keys}
+
+    forward = _mapped_fetch(fetch, plan, Endpoint("forward", "p", "t", "s"))
+    assert forward(moved, ("a2",), [("1",)]) == {("1",): {"a2": "1", "b": "x"}}
+    reverse = _mapped_fetch(fetch, plan, Endpoint("reverse", "p", "s", "t"))
+    assert reverse(T, ("a",), [("2",)]) == {("2",): {"a": "2", "b": "x"}}
+    assert calls == [(T, ("a",)), (moved, ("a2",))]

@@ -142,3 +142,24 @@ def test_known_chains() -> None:
     )
     assert not vp.idempotent([t("map", mapping=(("u", "v"),)), t("default_if_null", default="u")])
     assert not vp.idempotent([t("lower"), t("default_if_null", default="X")])
+
+
+def test_a_renamed_table_is_read_on_the_target_under_its_new_name() -> None:
+    moved = TableId("crm", "clients")
+    only_renamed = plan_mod.parse({"tables": {"public.customers": {"rename": "crm.clients"}}})
+    m = vp.build(T, only_renamed.table(T), COLUMNS, ("id",))
+    assert not m.identity, "a renamed table is not compared under its source name"
+    assert (m.table, m.target_table) == (T, moved)
+    assert [(p.source, p.target, p.mapped) for p in m.pairs] == [(c, c, False) for c in COLUMNS]
+    raw = {
+        "tables": {
+            "public.customers": {**RAW["tables"]["public.customers"], "rename": "crm.clients"}
+        }
+    }
+    m = vp.build(T, plan_mod.parse(raw).table(T), COLUMNS, ("id",), reverse=True)
+    assert m.target_table == moved
+    assert m.target_filter is not None
+    text = m.target_filter.as_string(None)
+    assert '"crm"."clients"."customer_id" AS "id"' in text
+    assert '"public"."customers"' not in text
+    assert vp.build(T, None, COLUMNS, ("id",)).target_table == T
