@@ -11,7 +11,20 @@ decode-only, and apply-only (pre-decoded events). The last line is one JSON obje
 
 ``--applier-rss`` also drains the topics with cdcsync in a fresh process and reports its
 peak RSS (VmHWM): the memory the applier needs for a backlog, without the ceilings' lists.
-``--skip jdbc_sink,native_logical`` leaves out peers on large runs (ratios then omitted).
+``--skip jdbc_sink,native_logical`` leaves out peers on large runs (ratios then omitted);
+``--skip ceilings,cdcsync,jdbc_sink,native_logical --applier-rss`` only fills the topics and
+drains them with the applier in its own process (a large backlog, for its memory).
+
+``--format avro`` captures with Apicurio's Avro converter and the stack's registry
+(``CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL``; ``cdcsync stack up registry``): cdcsync decodes
+Avro, the JDBC sink reads the same topics with the same converter, and the decode ceiling
+uses the Avro decoder. ``--producer compression.type=lz4`` sets
+``producer.override.*`` on the source connector. ``--consumer-variant
+NAME:KEY=VALUE,...`` (repeatable) drains the same topics again with those librdkafka
+settings merged into every consumer (``consume.batch=N``: messages per ``consume()``),
+timing the consume ceiling and cdcsync for each, beside a ``default`` variant;
+``--applier-consumer KEY=VALUE,...`` does the same for the ``--applier-rss`` process.
+The topics are deleted at the end.
 
 Needs CDCSYNC_SOURCE_DSN, CDCSYNC_TARGET_DSN, CDCSYNC_KAFKA_BOOTSTRAP,
 CDCSYNC_CONNECT_URL and CDCSYNC_CONNECT_SECRETS_FILE (``cdcsync stack env``).
@@ -39,13 +52,15 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.peers import native_subscription, run_jdbc_sink, run_native
+from bench.peers import SinkFailed, native_subscription, run_jdbc_sink, run_native
+from bench.tuning import parse_pairs, parse_variant, tuned_consumers
 from cdcsync.adapters.connect_rest import ConnectClient
 from cdcsync.adapters.debezium_connector import source_connector_config
 from cdcsync.adapters.pg_apply import PgApplier
+from cdcsync.adapters.schema_registry import decoder_for
 from cdcsync.adapters.state_store import ensure_schema
 from cdcsync.config import load_settings
-from cdcsync.core.debezium import decode
+from cdcsync.core.connector_config import converter_settings
 from cdcsync.core.events import Event, TableId
 from cdcsync.engine.drain import applied_offsets, connector_lsn, end_offsets, lagging
 from cdcsync.engine.stream import Endpoint, StreamLoop
@@ -91,7 +106,8 @@ def drop(target_admin: str, name: str) -> None:
     )
 
 
-def all_messages(bootstrap: str, topics: list[str]) -> list[Any]:
+def all_messages(bootstrap: str, topics: list[str], total: int, keep: bool = True) -> list[Any]:
+    """Every message of ``topics`` (or, without ``keep``, only read and counted)."""
     from confluent_kafka import Consumer
 
     consumer = Consumer(
@@ -103,13 +119,37 @@ def all_messages(bootstrap: str, topics: list[str]) -> list[Any]:
         }
     )
     consumer.subscribe(topics)
-    total = sum(end_offsets(bootstrap, topics[0].split(".")[0]).values())
     out: list[Any] = []
-    deadline = time.monotonic() + 600
-    while len(out) < total and time.monotonic() < deadline:
-        out.extend(m for m in consumer.consume(5000, timeout=1.0) if not m.error())
+    seen = 0
+    deadline = time.monotonic() + 1800
+    while seen < total and time.monotonic() < deadline:
+        got = [m for m in consumer.consume(5000, timeout=1.0) if not m.error()]
+        seen += len(got)
+        if keep:
+            out.extend(got)
     consumer.close()
+    if seen < total:
+        raise SystemExit(f"consumed {seen} of {total} messages in 30 min")
     return out
+
+
+def delete_topics(bootstrap: str, prefix: str) -> None:
+    """Drop the run's change and heartbeat topics (a large backlog fills the disk)."""
+    from confluent_kafka.admin import AdminClient
+
+    client = AdminClient({"bootstrap.servers": bootstrap})
+    names = [
+        t
+        for t in client.list_topics(timeout=10).topics
+        if t.startswith(f"{prefix}.") or t.endswith(f".{prefix}")
+    ]
+    for future in client.delete_topics(names).values() if names else []:
+        future.result(timeout=60)
+
+
+def vm_kb(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field))
 
 
 TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history", "ins")
@@ -178,16 +218,57 @@ def main() -> None:
     parser.add_argument("--inserts", type=int, default=50000, help="rows of the insert-heavy table")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
-        "--skip", default="", help="comma-separated: ceilings, jdbc_sink, native_logical"
+        "--skip",
+        default="",
+        help="comma-separated: ceilings, cdcsync (the in-process drain), jdbc_sink, native_logical",
     )
     parser.add_argument(
-        "--applier-rss", action="store_true", help="also measure the applier's peak RSS"
+        "--applier-rss",
+        action="store_true",
+        help="also drain with cdcsync in its own process and report its peak RSS (VmHWM)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("json", "avro"),
+        default="json",
+        help="event format on Kafka: JSON with embedded schemas, or Avro with the registry",
+    )
+    parser.add_argument(
+        "--producer",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="producer settings of the source connector (as producer.override.KEY), "
+        "e.g. compression.type=lz4,linger.ms=20",
+    )
+    parser.add_argument(
+        "--consumer-variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="also time consume-only and cdcsync with these librdkafka settings "
+        "(consume.batch=N: messages per consume() call); repeatable",
+    )
+    parser.add_argument(
+        "--applier-consumer",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="librdkafka settings merged into the consumer of the --applier-rss process",
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    unknown = skip - {"ceilings", "cdcsync", "jdbc_sink", "native_logical"}
+    if unknown:
+        raise SystemExit(f"--skip: unknown {sorted(unknown)}")
+    producer = {f"producer.override.{k}": v for k, v in parse_pairs(args.producer).items()}
+    variants = [parse_variant(v) for v in args.consumer_variant]
+    if variants:
+        variants.insert(0, ("default", {}, None))
     env = os.environ
     source_admin, target_admin = env["CDCSYNC_SOURCE_DSN"], env["CDCSYNC_TARGET_DSN"]
     bootstrap, connect_url = env["CDCSYNC_KAFKA_BOOTSTRAP"], env["CDCSYNC_CONNECT_URL"]
+    registry = env.get("CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL") if args.format == "avro" else None
+    if args.format == "avro" and not registry:
+        raise SystemExit("--format avro needs CDCSYNC_KAFKA__SCHEMA_REGISTRY_URL")
     run = secrets.token_hex(3)
     prefix = f"bench{run}"
     src_db = f"bench_src_{run}"
@@ -200,34 +281,48 @@ def main() -> None:
         connect_url=connect_url,
         migration_id=prefix,
         connect_secrets_file=env["CDCSYNC_CONNECT_SECRETS_FILE"],
+        kafka={"format": args.format, "schema_registry_url": registry},
     )
+    decode = decoder_for(settings)
+    converters = {
+        k: v
+        for k, v in converter_settings(args.format, registry).items()
+        if k.startswith(("key.converter", "value.converter"))
+    }
     client = ConnectClient(connect_url)
     dump = Path(tempfile.mkdtemp()) / "base.dump"
     results: dict[str, list[float]] = {}
     created: list[str] = []
     report = dump.parent / "applier-rss.json"
     applier_rss_mb: float | None = None
+    applier_rate: float | None = None
+    events = 0
     try:
-        tables = prepare_source(
-            source, settings, args.scale, dump, [settings.slot_name, f"{prefix}_native"]
-        )
+        slots = [settings.slot_name]
+        if "native_logical" not in skip:
+            slots.append(f"{prefix}_native")
+        tables = prepare_source(source, settings, args.scale, dump, slots)
+        t0 = time.monotonic()
         end_lsn, expected = run_workload(source, args.transactions, args.inserts)
+        print(f"workload took {time.monotonic() - t0:.1f}s", flush=True)
 
         name = f"{prefix}-source"
-        client.put_config(name, source_connector_config(settings, tables, dsn=source))
+        config = source_connector_config(settings, tables, dsn=source)
+        client.put_config(name, {**config, **producer})
         client.wait_running(name, timeout=120)
         t0 = time.monotonic()
         while (connector_lsn(client, name) or 0) < end_lsn:
             time.sleep(0.5)
-            if time.monotonic() - t0 > 1800:
+            if time.monotonic() - t0 > 3600:
                 raise SystemExit("Debezium did not catch up")
+        published = time.monotonic() - t0
         client.delete(name)
         ends = end_offsets(bootstrap, prefix)
         topics = sorted({t for t, _ in ends})
         events = sum(ends.values())
         print(
-            f"{events} events in {len(topics)} topics (Debezium took "
-            f"{time.monotonic() - t0:.1f}s to publish them)",
+            f"{events} events in {len(topics)} topics, format {args.format} (Debezium took "
+            f"{published:.1f}s to publish them: {events / published:.0f} events/s)",
             flush=True,
         )
 
@@ -243,7 +338,8 @@ def main() -> None:
                 # Ceilings.
                 box: dict[str, Any] = {}
                 timed(
-                    "consume_only", lambda box=box: box.update(msgs=all_messages(bootstrap, topics))
+                    "consume_only",
+                    lambda box=box: box.update(msgs=all_messages(bootstrap, topics, events)),
                 )
                 timed(
                     "decode_only",
@@ -277,48 +373,66 @@ def main() -> None:
 
                 timed("apply_only", apply_only)
 
-            # cdcsync.
-            db = f"bench_cdcsync_{run}_{round_no}"
-            created.append(db)
-            target = fresh_target(target_admin, dump, db)
-            with psycopg.connect(target, autocommit=True) as conn:
-                ensure_schema(conn)
-            mig = f"{prefix}_r{round_no}"
-            s = settings.model_copy(
-                update={"migration_id": mig, "target_dsn": target, "instance_id": mig}
-            )
-            loop = StreamLoop(s, Endpoint("forward", prefix, target, source, set(tables)))
+            # cdcsync, then once per consumer variant (with its consume ceiling).
+            for vname, overrides, batch in variants or [("default", {}, None)]:
+                if "cdcsync" in skip and not variants:
+                    break
+                suffix = f"[{vname}]" if variants else ""
+                with tuned_consumers(overrides, batch):
+                    if variants:
+                        timed(
+                            f"consume_only{suffix}",
+                            lambda: all_messages(bootstrap, topics, events, keep=False),
+                        )
+                    if "cdcsync" in skip:
+                        continue
+                    db = f"bench_cdcsync_{run}_{round_no}_{len(created)}"
+                    created.append(db)
+                    target = fresh_target(target_admin, dump, db)
+                    with psycopg.connect(target, autocommit=True) as conn:
+                        ensure_schema(conn)
+                    mig = f"{prefix}_r{round_no}_{len(created)}"
+                    s = settings.model_copy(
+                        update={"migration_id": mig, "target_dsn": target, "instance_id": mig}
+                    )
+                    loop = StreamLoop(s, Endpoint("forward", prefix, target, source, set(tables)))
 
-            def cdcsync_run(loop: StreamLoop = loop, target: str = target, mig: str = mig) -> None:
-                thread = threading.Thread(target=loop.run, daemon=True)
-                thread.start()
-                with psycopg.connect(target) as conn:
-                    while lagging(ends, applied_offsets(conn, "cdcsync", mig, "forward")):
-                        conn.rollback()
-                        time.sleep(0.05)
-                loop.stop.set()
-                thread.join()
+                    def cdcsync_run(
+                        loop: StreamLoop = loop, target: str = target, mig: str = mig
+                    ) -> None:
+                        thread = threading.Thread(target=loop.run, daemon=True)
+                        thread.start()
+                        with psycopg.connect(target) as conn:
+                            while lagging(ends, applied_offsets(conn, "cdcsync", mig, "forward")):
+                                conn.rollback()
+                                time.sleep(0.05)
+                        loop.stop.set()
+                        thread.join()
 
-            timed("cdcsync", cdcsync_run)
-            check(target, expected, "cdcsync")
+                    timed(f"cdcsync{suffix}", cdcsync_run)
+                    check(target, expected, f"cdcsync{suffix}")
 
             # Debezium JDBC sink.
             if "jdbc_sink" not in skip:
                 db = f"bench_jdbc_{run}_{round_no}"
                 created.append(db)
                 target = fresh_target(target_admin, dump, db)
-                timed(
-                    "jdbc_sink",
-                    lambda target=target: run_jdbc_sink(
-                        client,
-                        bootstrap=bootstrap,
-                        target_dsn=target,
-                        secrets_file=env["CDCSYNC_CONNECT_SECRETS_FILE"],
-                        keyed_topics=topics,
-                        keyless_topics=[],
-                    ),
-                )
-                check(target, expected, "jdbc_sink")
+                try:
+                    timed(
+                        "jdbc_sink",
+                        lambda target=target: run_jdbc_sink(
+                            client,
+                            bootstrap=bootstrap,
+                            target_dsn=target,
+                            secrets_file=env["CDCSYNC_CONNECT_SECRETS_FILE"],
+                            keyed_topics=topics,
+                            keyless_topics=[],
+                            converters=converters if args.format == "avro" else None,
+                        ),
+                    )
+                    check(target, expected, "jdbc_sink")
+                except SinkFailed as exc:
+                    print(f"!! {exc}", flush=True)
 
             # Native logical replication from its own slot over the same changes.
             if round_no == 0 and "native_logical" not in skip:
@@ -349,22 +463,35 @@ def main() -> None:
             )
             child = multiprocessing.get_context("spawn").Process(
                 target=_drain_child,
-                args=(s, Endpoint("forward", prefix, target, source, set(tables)), ends, report),
+                args=(
+                    s,
+                    Endpoint("forward", prefix, target, source, set(tables)),
+                    ends,
+                    report,
+                    parse_pairs(args.applier_consumer),
+                ),
             )
             t = time.perf_counter()
             child.start()
             child.join()
             elapsed = time.perf_counter() - t
-            applier_rss_mb = json.loads(report.read_text())["vmhwm_kb"] / 1024
+            if child.exitcode != 0:
+                raise SystemExit(f"the applier process exited with {child.exitcode}")
+            rss = json.loads(report.read_text())
+            applier_rss_mb = rss["vmhwm_kb"] / 1024
+            applier_rate = events / rss["seconds"]
+            curve = " ".join(f"{n / 1e6:.2f}M:{kb / 1024:.0f}" for n, kb in rss["samples"])
             print(
-                f"applier in its own process: {elapsed:.2f} s ({events / elapsed:.0f} events/s, "
-                f"start-up included), peak RSS (VmHWM) {applier_rss_mb:.0f} MB",
+                f"applier in its own process: {elapsed:.2f} s with start-up, {rss['seconds']:.2f}"
+                f" s draining ({applier_rate:.0f} events/s), peak RSS (VmHWM) "
+                f"{applier_rss_mb:.0f} MB; RSS (MB) by events applied: {curve}",
                 flush=True,
             )
             check(target, expected, "cdcsync (rss)")
     finally:
         for db in created:
             drop(target_admin, db)
+        delete_topics(bootstrap, prefix)
         with psycopg.connect(source_admin, autocommit=True) as conn:
             conn.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
@@ -376,10 +503,11 @@ def main() -> None:
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(src_db)),
         )
     medians = {k: statistics.median(v) for k, v in results.items()}
+    mine = medians.get("cdcsync", medians.get("cdcsync[default]"))
     ratios = {
-        f"cdcsync_vs_{peer}": medians[peer] / medians["cdcsync"]
+        f"cdcsync_vs_{peer}": medians[peer] / mine
         for peer in ("jdbc_sink", "native_logical", "apply_only")
-        if peer in medians
+        if peer in medians and mine
     }
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process (holds the decode ceiling's events too): {rss_mb:.0f} MB")
@@ -387,30 +515,54 @@ def main() -> None:
         json.dumps(
             {
                 "events": events,
+                "format": args.format,
+                "producer": producer,
                 "medians_s": medians,
                 "events_per_s": {k: events / v for k, v in medians.items()},
                 "ratios": ratios,
                 "peak_rss_mb": rss_mb,
                 "applier_peak_rss_mb": applier_rss_mb,
+                "applier_events_per_s": applier_rate,
             }
         )
     )
 
 
-def _drain_child(settings: Any, endpoint: Endpoint, ends: Any, report: Path) -> None:
-    """Drain with cdcsync in a fresh interpreter, then write its peak RSS to ``report``."""
+def _drain_child(
+    settings: Any, endpoint: Endpoint, ends: Any, report: Path, overrides: dict[str, str]
+) -> None:
+    """Drain with cdcsync in a fresh interpreter, then write its peak RSS to ``report``,
+    with RSS samples (events applied, kB) taken every 5 s so a trend shows."""
+    with tuned_consumers(overrides, None):
+        _drain(settings, endpoint, ends, report)
+
+
+def _drain(settings: Any, endpoint: Endpoint, ends: Any, report: Path) -> None:
     loop = StreamLoop(settings, endpoint)
+    started = time.perf_counter()
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
+    samples: list[tuple[int, int]] = []
+    next_sample = started
     with psycopg.connect(endpoint.target_dsn) as conn:
-        while lagging(ends, applied_offsets(conn, "cdcsync", settings.migration_id, "forward")):
+        while True:
+            applied = applied_offsets(conn, "cdcsync", settings.migration_id, "forward")
             conn.rollback()
+            if time.perf_counter() >= next_sample:
+                samples.append((sum(applied.values()), vm_kb("VmRSS:")))
+                next_sample += 5.0
+            if not lagging(ends, applied):
+                break
+            if not thread.is_alive():
+                raise SystemExit("the applier stopped before the end of the topics")
             time.sleep(0.05)
+    seconds = time.perf_counter() - started
     loop.stop.set()
     thread.join()
-    status = Path("/proc/self/status").read_text()
-    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    report.write_text(json.dumps({"vmhwm_kb": hwm}))
+    samples.append((sum(ends.values()), vm_kb("VmRSS:")))
+    report.write_text(
+        json.dumps({"vmhwm_kb": vm_kb("VmHWM:"), "seconds": seconds, "samples": samples})
+    )
 
 
 def check(target: str, expected: dict[str, tuple[int, str]], label: str) -> None:

@@ -57,12 +57,15 @@ def run_jdbc_sink(
     keyless_topics: list[str],
     batch_size: int = 5000,
     timeout: float = 1800,
+    converters: dict[str, str] | None = None,
 ) -> float:
     """Drain the topics into the target with the Debezium JDBC sink; seconds taken.
 
     Tuned fairly: upsert by record key, deletes enabled, large batches, the
     reduction buffer on (one write per key per batch, like cdcsync's compaction).
     Keyless tables (no record key) go through a second connector in insert mode.
+    ``converters`` (``key.converter*`` / ``value.converter*``) replace the JSON ones, so
+    the sink reads the same Avro topics cdcsync reads.
     """
     info = psycopg.conninfo.conninfo_to_dict(target_dsn)
     host, port = info.get("host", "127.0.0.1"), info.get("port", 5432)
@@ -83,6 +86,10 @@ def run_jdbc_sink(
         "key.converter.schemas.enable": "true",
         "value.converter.schemas.enable": "true",
     }
+    if converters:
+        for key in [k for k in common if k.startswith(("key.converter", "value.converter"))]:
+            del common[key]
+        common.update(converters)
     run = uuid.uuid4().hex[:6]
     names: list[tuple[str, list[str]]] = []
     if keyed_topics:
@@ -108,7 +115,7 @@ def run_jdbc_sink(
         for name, topics in names:
             connect.wait_running(name, timeout=120)
             wait(
-                lambda n=name, t=topics: consumer_group_lag(bootstrap, f"connect-{n}", t) == 0,
+                lambda n=name, t=topics: _sink_done(connect, bootstrap, n, t),
                 timeout,
                 f"JDBC sink {name}",
             )
@@ -117,6 +124,22 @@ def run_jdbc_sink(
         for name, _ in names:
             with contextlib.suppress(Exception):
                 connect.delete(name)
+
+
+class SinkFailed(RuntimeError):
+    """A sink task failed: waiting for its lag to reach 0 would only run into the timeout."""
+
+
+def _sink_done(connect: ConnectClient, bootstrap: str, name: str, topics: list[str]) -> bool:
+    if consumer_group_lag(bootstrap, f"connect-{name}", topics) == 0:
+        return True
+    status = connect.status(name) or {}
+    for task in status.get("tasks", []):
+        if task.get("state") == "FAILED":
+            trace = str(task.get("trace", ""))
+            cause = trace[trace.rfind("Caused by:") :] if "Caused by:" in trace else trace
+            raise SinkFailed(f"JDBC sink {name} failed: {cause.splitlines()[0][:300]}")
+    return False
 
 
 def _with_password(dsn: str) -> str:

@@ -235,8 +235,12 @@ class StreamLoop:
                 # partition, which the range assignor would all give to one member.
                 "partition.assignment.strategy": "roundrobin",
                 "enable.partition.eof": False,
-                # Bound what librdkafka buffers, whatever the backlog.
-                "queued.max.messages.kbytes": 65536,
+                # Bound what librdkafka buffers, whatever the backlog: 16 MB is about
+                # 180 ms of uncompressed JSON events at the apply rate, and the message
+                # count caps what compressed topics would otherwise inflate to (the byte
+                # limit counts compressed bytes; the default count is 100,000).
+                "queued.max.messages.kbytes": 16384,
+                "queued.min.messages": 10000,
                 "fetch.max.bytes": 16 * 1024 * 1024,
                 "topic.metadata.refresh.interval.ms": 5000,
                 "log_level": 3,
