@@ -57,7 +57,16 @@ MAX_FINDINGS_LISTED = 50
 _STEP_ORDER = {
     k: i
     for i, k in enumerate(
-        ("pre_data", "boundary", "copy", "sequences", "post_data", "fence", "total")
+        (
+            "pre_data",
+            "boundary",
+            "copy",
+            "post_data_overlapped",
+            "sequences",
+            "post_data",
+            "fence",
+            "total",
+        )
     )
 }
 

@@ -179,15 +179,38 @@ def plan_relation(
     return out
 
 
+#: Tables this small are copied first: their copy is too short to help the workers end
+#: together, and once they are copied and keyed, foreign keys to them (small tables are
+#: the usual targets) can be validated while the large tables are still being copied.
+SMALL_TABLE_BYTES = 1 << 20
+
+
 def schedule(chunks: Sequence[Chunk], first: Sequence[TableId] = ()) -> list[Chunk]:
-    """Largest first, so the last chunks to finish are small and workers end together.
+    """Table by table, largest table first; within a table, its largest chunks first.
+
+    A table's indexes are built as soon as its last chunk commits, while the others are
+    copied: finishing tables one after the other (instead of all of them near the end)
+    lets the largest table's indexes, the costliest, overlap the most copying, and the
+    last chunks to finish are the smaller ones of the smallest large table. Tables under
+    :data:`SMALL_TABLE_BYTES` go before all that.
 
     Tables named in ``first`` (the plan's copy order) go before the others, in that
-    order; within each, the largest chunks first.
+    order.
     """
     rank = {t: i for i, t in enumerate(first)}
+    size: dict[TableId, int] = {}
+    for c in chunks:
+        size[c.table] = size.get(c.table, 0) + c.est_bytes
     return sorted(
-        chunks, key=lambda c: (rank.get(c.table, len(rank)), -c.est_bytes, c.table, c.number)
+        chunks,
+        key=lambda c: (
+            rank.get(c.table, len(rank)),
+            size[c.table] >= SMALL_TABLE_BYTES,
+            -size[c.table],
+            c.table,
+            -c.est_bytes,
+            c.number,
+        ),
     )
 
 

@@ -58,6 +58,7 @@ class Progress:
         self._started = clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[TableId], None]] = []
 
     # ----------------------------------------------------------------- counters
     def plan(self, totals: Mapping[TableId, tuple[int, int, int]]) -> None:
@@ -94,6 +95,20 @@ class Progress:
             self._tables[table] = t
         if t.done and self.mode == "log":
             log.info("table %s copied: rows=%d bytes=%d", table, t.rows_done, t.bytes_done)
+        for listener in list(self._listeners):
+            listener(table)
+
+    @contextmanager
+    def listening(self, listener: Callable[[TableId], None]) -> Iterator[None]:
+        """Call ``listener`` with the table of every chunk that commits while the block runs.
+
+        It runs in the copy worker that committed the chunk, so it must not block.
+        """
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
 
     def tables(self) -> list[TableProgress]:
         with self._lock:

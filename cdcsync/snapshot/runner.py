@@ -7,8 +7,11 @@ The steps, each recorded in the target's state before it starts:
 3. ``boundary``: cdcsync's publication, then the slot and its exported snapshot, held
    by a process of its own (:mod:`.boundary`);
 4. ``copy``: the chunk plan is stored, then workers copy the chunks not yet recorded
-   (:mod:`.copy`); each chunk's record commits with its rows;
-5. ``post_data``: sequences, indexes and constraints, then the write fence.
+   (:mod:`.copy`); each chunk's record commits with its rows. A table's indexes and
+   keys are built as soon as its last chunk commits, while the others are copied
+   (:mod:`.postdata`);
+5. ``post_data``: sequences, the indexes left, foreign keys and the rest of the
+   post-data section, then the write fence.
 
 Run again after a crash, it continues from the recorded step: the copy under the same
 exported snapshot while its holder still lives (it outlives the crashed process for
@@ -23,6 +26,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +207,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.started = time.monotonic()
         self.holder: boundary.Holder | None = None
+        self.post: postdata.PostDataRun | None = None
         self.plan = plan_mod.load(settings.plan) if settings.plan else plan_mod.EMPTY
 
     # ------------------------------------------------------------------ driver
@@ -225,6 +230,8 @@ class _Run:
                 )
             raise
         finally:
+            if self.post is not None:
+                self.post.builder.close(cancel=True)
             if self.holder is not None:
                 self.holder.detach()
             source.close()
@@ -337,6 +344,17 @@ class _Run:
             created_publication=False,
             plan=self._plan_summary(tables),
         )
+        selection = self._selection(source, infos)
+        # Neither the chunk plan nor the post-data script depends on the boundary (chunk
+        # bounds only share out the rows, whatever the snapshot): both are prepared on
+        # the side while the schema is restored and the slot created.
+        size = chunking.chunk_bytes(
+            sum(i.bytes for i in infos), s.workers, s.snapshot_chunk_blocks * chunking.BLOCK_SIZE
+        )
+        prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="snapshot-prep")
+        planned = prep.submit(self._plan_chunks, infos, size)
+        dumped = prep.submit(self._post_data_script, selection)
+        prep.shutdown(wait=False)
         t = time.monotonic()
         if facts.target_present:
             log.info("the target already has the migrated tables: using its schema as it is")
@@ -346,7 +364,7 @@ class _Run:
                 target,
                 source_dsn=self.source_dsn,
                 target_dsn=self.target_dsn,
-                selection=self._selection(source, infos),
+                selection=selection,
             )
             log.info("pre-data schema restored on the target: %d objects", count)
         if self.allow_nonempty and facts.target_nonempty:
@@ -368,6 +386,7 @@ class _Run:
             created_publication=True,
         )
         with psycopg.connect(self.source_dsn, autocommit=True) as ddl:
+            started = time.monotonic()
             boundary.create_publication(
                 ddl,
                 s.publication_name,
@@ -385,6 +404,7 @@ class _Run:
                     "; ".join(blockers[:5]) or "none visible to this role",
                 )
 
+            published = time.monotonic()
             try:
                 b = self.holder.create(self.source_dsn, s.slot_name, self.keep, waiting)
             except BaseException:
@@ -398,6 +418,7 @@ class _Run:
                     created_publication=False,
                 )
                 raise
+        slotted = time.monotonic()
         probe = open_source(self.source_dsn, b.snapshot_name)
         identity = boundary.snapshot_identity(probe)
         if self.on_boundary is not None:
@@ -409,11 +430,9 @@ class _Run:
             b.consistent_point,
             b.snapshot_name,
         )
-        size = chunking.chunk_bytes(
-            sum(i.bytes for i in infos), s.workers, s.snapshot_chunk_blocks * chunking.BLOCK_SIZE
-        )
-        with psycopg.connect(self.source_dsn, autocommit=True) as sizing:
-            plan = plan_chunks(sizing, infos, size)
+        probed = time.monotonic()
+        plan = planned.result()
+        planned_at = time.monotonic()
         st.save_plan(target, s, plan)
         st.write(
             target,
@@ -427,8 +446,18 @@ class _Run:
             holder_host=socket.gethostname(),
         )
         self.timings["boundary"] = time.monotonic() - t
+        log.info(
+            "boundary in %.2fs: publication %.2fs, slot %.2fs, snapshot probe %.2fs, waiting "
+            "for the chunk plan %.2fs, state %.2fs",
+            self.timings["boundary"],
+            published - started,
+            slotted - published,
+            probed - slotted,
+            planned_at - probed,
+            time.monotonic() - planned_at,
+        )
 
-        self._copy(target, infos, plan, b.snapshot_name)
+        self._copy(target, infos, plan, b.snapshot_name, dumped.result())
         self.holder.release()
         self.holder = None
         st.write(target, s, st.PHASE_SNAPSHOT, step=st.STEP_POST_DATA)
@@ -449,6 +478,16 @@ class _Run:
             ),
         }
 
+    def _plan_chunks(self, infos: Sequence[TableInfo], size: int) -> list[Chunk]:
+        with psycopg.connect(self.source_dsn, autocommit=True) as sizing:
+            return plan_chunks(sizing, infos, size)
+
+    def _post_data_script(self, selection: schema_copy.Selection) -> schema_copy.Script:
+        """The source's post-data section, without what the selection leaves out."""
+        script = schema_copy.parse(schema_copy.dump(self.source_dsn, "post-data", selection))
+        script.entries = [e for e in script.entries if selection.keep(e)]
+        return script
+
     def _plan_problems(
         self, source: psycopg.Connection[Any], infos: Sequence[TableInfo]
     ) -> list[str]:
@@ -461,7 +500,7 @@ class _Run:
         target.rollback()
         if found is not None and found.data.get("plan_applied"):
             return
-        statements = [stmt for t in tables for stmt in self.plan.table(t).ddl()]
+        statements = [stmt for t in tables for stmt in self.plan.table(t).ddl(s.state_schema)]
         with target.transaction():
             for stmt in statements:
                 log.info("plan: %s", stmt.as_string(target))
@@ -498,7 +537,8 @@ class _Run:
             self.on_boundary(found.snapshot_name)
         infos = catalog.describe(source, found.tables)
         plan = st.load_plan(target, s)
-        self._copy(target, infos, plan, found.snapshot_name)
+        script = self._post_data_script(self._selection(source, infos))
+        self._copy(target, infos, plan, found.snapshot_name, script)
         # The interrupted run's holder still keeps the snapshot: the copy needs it no more.
         with psycopg.connect(self.source_dsn, autocommit=True) as admin:
             boundary.end_holder(admin, s.slot_name)
@@ -511,6 +551,7 @@ class _Run:
         infos: Sequence[TableInfo],
         plan: Sequence[Chunk],
         snapshot_name: str,
+        script: schema_copy.Script,
     ) -> CopyTotals:
         s = self.settings
         t = time.monotonic()
@@ -533,20 +574,48 @@ class _Run:
                 len(plan),
                 len(todo),
             )
-        with self.progress.shown():
-            totals = copy_chunks(
-                chunking.schedule(todo, self.plan.copy_order),
-                how,
-                source_dsn=self.source_dsn,
-                target_dsn=self.target_dsn,
-                snapshot_name=snapshot_name,
-                workers=s.workers,
-                state_schema=s.state_schema,
-                migration_id=s.migration_id,
-                progress=self.progress,
-                limiter=self.limiter,
-            )
+        binary = sorted(str(t) for t, h in how.items() if not h.binary)
+        if binary:
+            log.info("copied as text (a column type has no portable binary form): %s", binary)
+        post = self.post = postdata.PostDataRun(
+            self.target_dsn, script, _owners(infos), _partitioned(infos)
+        )
+        left: dict[TableId, int] = {info.table: 0 for info in infos}
+        for chunk in todo:
+            left[chunk.table] = left.get(chunk.table, 0) + 1
+        # While the copy runs, its workers keep most of the cores: a few connections
+        # build the indexes of the tables already copied.
+        post.start(left, during_copy=max(1, s.workers // 2), workers=s.workers)
+        try:
+            with self.progress.listening(post.chunk_done), self.progress.shown():
+                totals = copy_chunks(
+                    chunking.schedule(todo, self.plan.copy_order),
+                    how,
+                    source_dsn=self.source_dsn,
+                    target_dsn=self.target_dsn,
+                    snapshot_name=snapshot_name,
+                    workers=s.workers,
+                    state_schema=s.state_schema,
+                    migration_id=s.migration_id,
+                    progress=self.progress,
+                    limiter=self.limiter,
+                )
+        except BaseException:
+            post.builder.close(cancel=True)
+            self.post = None
+            raise
+        post.copy_done()
         self.timings["copy"] = time.monotonic() - t
+        during = post.started_during_copy()
+        log.info(
+            "copy done in %.1fs; started meanwhile: the indexes and keys of %d of %d table(s), "
+            "%d of %d foreign key(s)",
+            self.timings["copy"],
+            during["tables"],
+            len(post.split.per_table),
+            during["foreign keys"],
+            len(post.split.foreign_keys),
+        )
         return totals
 
     def _how(self, target: psycopg.Connection[Any], info: TableInfo) -> TableCopy:
@@ -579,10 +648,19 @@ class _Run:
         seqs = sequences.copy_sequences(source, target, schemas)
         self.timings["sequences"] = time.monotonic() - t
         t = time.monotonic()
-        selection = self._selection(source, infos)
-        script = schema_copy.parse(schema_copy.dump(self.source_dsn, "post-data", selection))
-        post = postdata.copy_post_data(self.target_dsn, script, s.workers, selection.keep)
+        run = self.post
+        if run is None:  # resumed after the copy: nothing of post-data ran in this process
+            script = self._post_data_script(self._selection(source, infos))
+            run = self.post = postdata.PostDataRun(
+                self.target_dsn, script, _owners(infos), _partitioned(infos)
+            )
+        try:
+            post = run.finish(s.workers)
+        finally:
+            self.post = None
         self.timings["post_data"] = time.monotonic() - t
+        # Work the copy's (and the sequences') wall time already holds: not in the total.
+        self.timings["post_data_overlapped"] = run.builder.busy_before(t)
         t = time.monotonic()
         self._apply_plan(target, tables)
         self.timings["plan"] = time.monotonic() - t
@@ -654,6 +732,19 @@ class _Run:
             infos=infos,
             state_schema=self.settings.state_schema,
         )
+
+
+def _owners(infos: Sequence[TableInfo]) -> dict[TableId, TableId]:
+    """Every heap the copy fills (a table, a leaf partition) → the migrated table."""
+    owner = {info.table: info.table for info in infos}
+    for info in infos:
+        for leaf in info.leaves:
+            owner.setdefault(leaf.relation, info.table)
+    return owner
+
+
+def _partitioned(infos: Sequence[TableInfo]) -> frozenset[TableId]:
+    return frozenset(info.table for info in infos if info.partitioned)
 
 
 def plan_chunks(

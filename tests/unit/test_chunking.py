@@ -139,6 +139,22 @@ def test_schedule_puts_the_largest_chunks_first() -> None:
     assert [c.number for c in schedule(chunks)] == [1, 3, 0, 2]
 
 
+def test_schedule_copies_table_by_table_the_largest_table_first() -> None:
+    """So that tables finish one after the other, the largest (costliest indexes) first;
+    tiny tables (foreign-key targets, typically) before everything."""
+    big, small, tiny = TableId("s", "big"), TableId("s", "small"), TableId("s", "tiny")
+    mib = 1 << 20
+    chunks = [
+        Chunk(small, 0, small, "whole", None, None, 40 * mib),
+        *(Chunk(big, n, big, "key", None, None, size * mib) for n, size in enumerate([30, 35, 30])),
+        Chunk(tiny, 0, tiny, "whole", None, None, 8192),
+    ]
+    got = [(c.table.name, c.number) for c in schedule(chunks)]
+    assert got == [("tiny", 0), ("big", 1), ("big", 0), ("big", 2), ("small", 0)]
+    # The plan's copy order comes before sizes.
+    assert [c.table for c in schedule(chunks, [small])] == [small, tiny, big, big, big]
+
+
 def test_the_rate_limit_paces_all_workers_together() -> None:
     now = [100.0]
     slept: list[float] = []
