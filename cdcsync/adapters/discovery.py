@@ -31,7 +31,7 @@ from cdcsync.core.findings import (
     TriggerFacts,
 )
 from cdcsync.snapshot import catalog
-from cdcsync.snapshot.preflight import can_set_replica_role
+from cdcsync.snapshot.preflight import can_set_replica_role, rename_destinations
 
 DEFAULT_AUDIT_MAX_BYTES = 1024**3
 
@@ -59,8 +59,11 @@ def discover(settings: Settings, *, audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYT
                 table_facts(source, t, in_scope, audit_max_bytes, superuser=facts.source.superuser)
                 for t in tables
             ]
+            taken = rename_taken(target, plan, tables)
             for tf in facts.tables:
-                tf.target = target_table_facts(target, source, tf, audit=tf.audited)
+                tf.target = target_table_facts(
+                    target, source, tf, audit=tf.audited, on_target=taken.get(tf.name)
+                )
             facts.sequences = sequence_facts(source, {t.schema for t in tables})
             facts.extension_columns = catalog.extension_types_used(source, tables)
             facts.plan_checks = plan_checks(source, plan, facts.tables, audit_max_bytes)
@@ -416,15 +419,33 @@ def _triggers(conn: psycopg.Connection[Any], oid: int) -> list[TriggerFacts]:
     ]
 
 
+def rename_taken(
+    target: psycopg.Connection[Any], plan: plan_mod.Plan, tables: Sequence[TableId]
+) -> dict[str, TableId]:
+    """``schema.name`` of each source table whose rename destination is already a table on
+    the target → that destination: the snapshot would fail renaming its copy onto it, so
+    it is the target table to judge (its rows, above all)."""
+    return {
+        f"{src.schema}.{src.name}": dst
+        for src, (dst, kind) in rename_destinations(target, plan, tables).items()
+        if kind in ("r", "p")
+    }
+
+
 def target_table_facts(
     target: psycopg.Connection[Any],
     source: psycopg.Connection[Any],
     tf: TableFacts,
     *,
     audit: bool,
+    on_target: TableId | None = None,
 ) -> TargetTableFacts | None:
-    """The pre-created target table, or None when the target does not have it."""
-    table = TableId(*tf.name.split(".", 1))
+    """The pre-created target table, or None when the target does not have it.
+
+    ``on_target``: the name to read it under on the target, when not the source's (a
+    rename destination that already exists, see :func:`rename_taken`)."""
+    source_table = TableId(*tf.name.split(".", 1))
+    table = on_target or source_table
     columns = catalog.target_columns(target, table)
     if columns is None:
         return None
@@ -448,7 +469,7 @@ def target_table_facts(
         triggers=_triggers(target, oid),
     )
     if audit:
-        ident = sql.Identifier(table.schema, table.name)
+        ident = sql.Identifier(source_table.schema, source_table.name)
         for col in tf.columns:
             if col.name in not_null and not col.not_null:
                 col.nulls = int(

@@ -12,6 +12,12 @@ than guess.
 The type and default go into the DDL as the source server prints them (``format_type``
 quotes what needs quoting, ``pg_get_expr`` prints valid SQL), the way pg_dump does;
 the missing value goes in as a literal.
+
+A table the plan renames on the target is known to the applier by the name it writes
+to, and to the side the events come from by that side's own name. The two are paired
+through the rename registry the snapshot recorded in the state schema on the target
+(:func:`cdcsync.adapters.fence.renamed`): forward, the registry is on the database
+written to; in reverse, on the one read from.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdcsync.adapters import fence
 from cdcsync.core.events import TableId
 
 #: (table, missing columns) → statements that add them on the target, in order.
@@ -93,18 +100,35 @@ def read_source_columns(
     return out
 
 
-def column_adder(source: psycopg.Connection[Any]) -> ColumnAdder:
-    """A :data:`ColumnAdder` that reads definitions from ``source``."""
+def source_name(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    table: TableId,
+    schema: str = "cdcsync",
+) -> TableId:
+    """The name ``source`` has for the table ``target`` names ``table``: they differ when
+    the plan renamed it (recorded in ``schema``'s rename registry on either side)."""
+    for source_side, target_side in fence.renamed(target, schema).items():
+        if target_side == table:
+            return source_side  # forward: written under its new name
+    return fence.renamed(source, schema).get(table, table)  # reverse: read under it
+
+
+def column_adder(source: psycopg.Connection[Any], *, state_schema: str = "cdcsync") -> ColumnAdder:
+    """A :data:`ColumnAdder` that reads definitions from ``source`` (``state_schema``:
+    where the rename registry is, see the module's docstring)."""
 
     def add(
         target: psycopg.Connection[Any], table: TableId, names: Sequence[str]
     ) -> list[sql.Composed]:
-        found = read_source_columns(source, table, names)
+        there = source_name(source, target, table, state_schema)
+        found = read_source_columns(source, there, names)
         absent = [n for n in names if n not in found]
         if absent:
+            named = "" if there == table else f" ({there} there)"
             raise ColumnNotAddable(
                 f"column(s) {', '.join(absent)} of {table} are in the events but not on the "
-                "source (dropped again since?): add them on the target by hand"
+                f"source{named} (dropped again since?): add them on the target by hand"
             )
         row = target.execute(
             sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(

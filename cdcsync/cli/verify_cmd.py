@@ -250,7 +250,7 @@ def _once(
     else:
         chosen = chosen if chosen is not None else default_tables(settings)
         if repair:
-            require_fenced(target_dsn, chosen, mig)  # before spending a verification
+            require_fenced(target_dsn, chosen, mig, schema=schema)  # before spending a verification
         store = RunStore.start(target_dsn, schema, mig, level, chosen, options)
     try:
         report = verify_tables(

@@ -209,7 +209,11 @@ class StreamLoop:
             tables=allowed,
             unknown_table=self.settings.apply.unknown_table,
             fetch_source=_mapped_fetch(fetch_rows_by_key(source), self.plan, self.endpoint),
-            add_columns=column_adder(source) if self.settings.apply.add_new_columns else None,
+            add_columns=(
+                column_adder(source, state_schema=self.settings.state_schema)
+                if self.settings.apply.add_new_columns
+                else None
+            ),
             transforms=_transforms(self.plan) if self.endpoint.direction == "forward" else None,
             stage_types=_reverse_casts(self.plan) if self.endpoint.direction == "reverse" else None,
         )
@@ -674,7 +678,8 @@ def _reverse_casts(plan: plan_mod.Plan) -> dict[TableId, dict[str, str]]:
 
 
 def _mapped_fetch(fetch: SourceFetch, plan: plan_mod.Plan, endpoint: Endpoint) -> SourceFetch:
-    """Reads rows by key from the side events come from, in the names the applier uses.
+    """Reads rows by key from the side events come from, in the names (and, forward,
+    with the hooks) the applier uses.
 
     ``table`` is the applier's (the target's name forward, the source's in reverse); the
     rows are read from the other side's table of the same plan entry.
@@ -691,8 +696,15 @@ def _mapped_fetch(fetch: SourceFetch, plan: plan_mod.Plan, endpoint: Endpoint) -
         back = tp.target_of if forward else tp.source_of
         origin = tp.table if forward else tp.target_table
         rows = fetch(origin, tuple(str(there(k)) for k in key), keys)
+        # Read from the source, a hooked column's value goes through its hook as an
+        # event's would; read back from the target, it is carried as it is.
+        hooks = tp.hooks() if forward else {}
         return {
-            k: {b: v for n, v in row.items() if (b := back(n)) is not None}
+            k: {
+                b: v if (h := hooks.get(n)) is None else h.apply(v)
+                for n, v in row.items()
+                if (b := back(n)) is not None
+            }
             for k, row in rows.items()
         }
 

@@ -35,6 +35,10 @@ passes has had that row since before the marker, so the applier has applied it; 
 target's row still differs, no change in flight explains it, and it is reported as
 persistent. Without a settle step (no Kafka settings) the two-pass test decides alone,
 which holds while the stream lags by less than the interval.
+
+Under a migration plan each side's rows are looked for in its own table: a table the
+plan renames is scanned under its target name on the target, its key under each side's
+column names; ranges, hashes and results keep the source's table names.
 """
 
 from __future__ import annotations
@@ -116,6 +120,11 @@ def _source_key(plan: plan_mod.Plan | None, table: TableId, key: Sequence[str]) 
     return tuple(tp.source_of(k) or k for k in key)
 
 
+def _named(plan: plan_mod.Plan | None, table: TableId) -> dict[str, TableId]:
+    """``table`` (the source's name) as each side names it."""
+    return {"source": table, "target": table if plan is None else plan.target_table(table)}
+
+
 def changed_ranges(
     side: vf._Side,
     table: TableId,
@@ -124,7 +133,9 @@ def changed_ranges(
     since: int,
     until: int,
 ) -> set[int]:
-    """Indexes of ``plan``'s ranges holding a row written on ``side`` in ``[since, until)``."""
+    """Indexes of ``plan``'s ranges holding a row written on ``side`` in ``[since, until)``.
+
+    ``table`` and ``key`` are named as ``side`` names them."""
     window = vr.xid_window(since, until)
     if window is None or len(plan) <= 1:
         return set(range(len(plan)))
@@ -232,10 +243,13 @@ def _pass(
             for table, plan in memory.plans.items():
                 key = memory.keys[table]  # as the target names it
                 named = {"source": _source_key(mapped[0], table, key), "target": key}
+                relation = _named(mapped[0], table)
                 written: set[int] = set()
                 for name, side in (("source", source), ("target", target)):
                     since = memory.xids[name][0]
-                    written |= changed_ranges(side, table, named[name], plan, since, xids[name][1])
+                    written |= changed_ranges(
+                        side, relation[name], named[name], plan, since, xids[name][1]
+                    )
                 rotating = {i for i in range(len(plan)) if i % sweep == number % sweep}
                 only[table] = written | rotating | memory.differing.get(table, set())
                 changed[table] = len(written)

@@ -43,7 +43,10 @@ Under a migration plan the copy writes what the snapshot writes: the source's ro
 the range that pass the plan's filter, each column transformed on the source and sent
 as text into the target's column of the same plan entry, where the target type's input
 function casts it (``value::text::type``); dropped columns are not copied, added ones
-take their default. The range is cut on the key as each side names it.
+take their default. The range is cut on the key as each side names it. A table the
+plan renames is read under its source name and written under its name on the target;
+the fence is looked up by the source's names (:mod:`cdcsync.adapters.fence` follows the
+rename registry).
 """
 
 from __future__ import annotations
@@ -122,10 +125,13 @@ class RepairReport:
         }
 
 
-def require_fenced(target_dsn: str, tables: Sequence[TableId], migration_id: str) -> None:
-    """Refuse unless every table carries the whole write fence on the target."""
+def require_fenced(
+    target_dsn: str, tables: Sequence[TableId], migration_id: str, *, schema: str = "cdcsync"
+) -> None:
+    """Refuse unless every table (the source's names) carries the whole write fence on the
+    target; ``schema`` is the state schema, whose rename registry names renamed tables."""
     with connect(target_dsn, "target", autocommit=True) as conn:
-        open_ = fence.check(conn, tables)
+        open_ = fence.check(conn, tables, schema=schema)
     if open_:
         raise PreconditionError(
             f"repair refused: {len(open_)} table(s) on the target are not write-fenced "
@@ -171,14 +177,20 @@ def repair(
         out.seconds = time.monotonic() - started
         return out
     source_dsn, target_dsn = settings.source_conninfo(), settings.target_conninfo()
-    require_fenced(target_dsn, list(plan), settings.migration_id)
+    require_fenced(target_dsn, list(plan), settings.migration_id, schema=settings.state_schema)
     migration_plan, reverse = vf.under_plan(settings)
     with switch_lock(settings):
         for table, ranges in plan.items():
             how = _how(source_dsn, target_dsn, table, migration_plan)
             for rng in ranges if ranges is not None else [None]:
                 done = _repair_range(
-                    source_dsn, target_dsn, table, how, rng, settings.migration_id, lock_timeout_ms
+                    source_dsn,
+                    target_dsn,
+                    table,
+                    how,
+                    rng,
+                    (settings.migration_id, settings.state_schema),
+                    lock_timeout_ms,
                 )
                 log.info(
                     "repaired %s %s: %d row(s) deleted, %d copied in %.2fs",
@@ -210,6 +222,7 @@ def repair(
 
 @dataclass(frozen=True)
 class _How:
+    target: TableId  # the table as the target names it (the plan may rename it)
     columns: tuple[str, ...]  # copied columns on the target: not generated, not added
     key: tuple[str, ...]  # the key on the target
     binary: bool
@@ -226,17 +239,22 @@ def _how(
     source_dsn: str, target_dsn: str, table: TableId, migration_plan: plan_mod.Plan | None = None
 ) -> _How:
     """Columns and format of the copy, decided as the snapshot decides them."""
+    tp = None if migration_plan is None else migration_plan.table(table)
+    if tp is not None and not tp.include:
+        raise PreconditionError(f"cannot repair {table}: the plan excludes it")
+    on_target = table if tp is None else tp.target_table
     with connect(source_dsn, "source", autocommit=True) as src:
         (info,) = catalog.describe(src, [table])
     with connect(target_dsn, "target", autocommit=True) as tgt:
-        theirs = catalog.target_columns(tgt, table) or {}
-    tp = None if migration_plan is None else migration_plan.table(table)
-    if tp is not None and (tp.maps_columns or tp.filter is not None):
-        if not tp.include:
-            raise PreconditionError(f"cannot repair {table}: the plan excludes it")
+        theirs = catalog.target_columns(tgt, on_target)
+    if theirs is None:
+        renamed = "" if on_target == table else f" (renamed by the plan to {on_target})"
+        raise PreconditionError(f"cannot repair {table}: missing on the target{renamed}")
+    if tp is not None and (tp.columns or tp.add or tp.filter is not None):
         copied = [c.name for c in info.columns if tp.target_of(c.name) is not None]
         key = tuple(str(tp.target_of(k)) for k in info.primary_key)
         return _How(
+            on_target,
             tuple(str(tp.target_of(c)) for c in copied),
             key,
             False,  # text: the target's input functions carry out the plan's casts
@@ -244,8 +262,11 @@ def _how(
             info.primary_key,
             None if tp.filter is None else sql.SQL("({})").format(sql.SQL(tp.filter)),
         )
+    # The same columns (a renamed table keeps them): binary where the types match.
     same = all(theirs.get(c.name) == c.type_name for c in info.columns)
-    return _How(tuple(c.name for c in info.columns), info.primary_key, info.binary and same)
+    return _How(
+        on_target, tuple(c.name for c in info.columns), info.primary_key, info.binary and same
+    )
 
 
 def _settings_sql() -> sql.Composed:
@@ -262,11 +283,14 @@ def _repair_range(
     table: TableId,
     how: _How,
     rng: KeyRange | None,
-    migration_id: str,
+    owner: tuple[str, str],  # (migration id, state schema)
     lock_timeout_ms: int,
 ) -> RangeRepair:
+    """Re-copy one range of ``table`` (the source's name) into ``how.target``."""
     started = time.monotonic()
+    migration_id, state_schema = owner
     rel = sql.Identifier(table.schema, table.name)
+    dst = sql.Identifier(how.target.schema, how.target.name)
     where = None if rng is None else vr.range_predicate(how.key, rng)
     where_sql = sql.SQL("") if where is None else sql.SQL(" WHERE {}").format(where)
     values = how.values or tuple(map(sql.Identifier, how.columns))
@@ -286,23 +310,23 @@ def _repair_range(
                     sql.SQL(
                         "SET LOCAL session_replication_role = replica; "
                         "SET LOCAL lock_timeout = {}; LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE"
-                    ).format(sql.Literal(f"{lock_timeout_ms}ms"), rel)
+                    ).format(sql.Literal(f"{lock_timeout_ms}ms"), dst)
                 )
-                if fence.check(tgt, [table]):
+                if fence.check(tgt, [table], schema=state_schema):
                     raise PreconditionError(
-                        f"repair stopped: {table} lost its write fence on the target "
+                        f"repair stopped: {how.target} lost its write fence on the target "
                         f"(migration {migration_id} no longer owns it); nothing was changed there"
                     )
                 # The source's snapshot is taken now, after the lock (see the docstring).
                 src.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 src.execute("SELECT 1 FROM pg_current_snapshot()")
-                cur = tgt.execute(sql.SQL("DELETE FROM {}{}").format(rel, where_sql))
+                cur = tgt.execute(sql.SQL("DELETE FROM {}{}").format(dst, where_sql))
                 done.deleted = max(cur.rowcount, 0)
                 rows, _, _ = pump(
                     src.pgconn,
                     tgt.pgconn,
                     copy_out.as_bytes(src),
-                    copy_in_query(table, how.columns, how.binary).as_bytes(tgt),
+                    copy_in_query(how.target, how.columns, how.binary).as_bytes(tgt),
                     lambda _rows, _bytes: None,
                 )
                 done.copied = rows
@@ -311,7 +335,7 @@ def _repair_range(
         except psycopg.errors.LockNotAvailable as exc:
             if attempt == LOCK_ATTEMPTS:
                 raise AbortedSafely(
-                    f"could not lock {table} on the target for its repair within "
+                    f"could not lock {how.target} on the target for its repair within "
                     f"{LOCK_ATTEMPTS} tries of {lock_timeout_ms} ms ({exc}); nothing was "
                     "changed in that range"
                 ) from exc

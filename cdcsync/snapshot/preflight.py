@@ -4,6 +4,13 @@
 even the state schema); :func:`evaluate` turns facts into problems, each naming what
 to fix. Keeping the judgement pure lets it be tested with facts read from a real
 server and then altered (a ``wal_level`` the test cluster cannot have, for instance).
+
+A table the plan renames is copied under its source name and renamed at the end of the
+snapshot (:meth:`cdcsync.core.plan.TablePlan.ddl`), so its source name on the target is
+checked as any other table's, and its destination must not exist there yet: the rename
+would fail after the whole copy. A destination that exists is refused up front, named,
+whether or not it holds rows (``--allow-nonempty-target`` empties the copied tables,
+never a destination).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 
 import psycopg
 
+from cdcsync.core import plan as plan_mod
 from cdcsync.core.events import TableId
 from cdcsync.snapshot import catalog
 from cdcsync.snapshot.catalog import TableInfo
@@ -57,6 +65,9 @@ class Facts:
     target_nonempty: list[str] = field(default_factory=list)
     target_missing_columns: dict[str, list[str]] = field(default_factory=dict)
     missing_extensions: dict[str, list[str]] = field(default_factory=dict)
+    # Rename destinations that already exist on the target → the source table renamed there.
+    rename_taken: dict[str, str] = field(default_factory=dict)
+    rename_taken_nonempty: list[str] = field(default_factory=list)  # those holding rows
 
 
 def evaluate(
@@ -172,6 +183,15 @@ def evaluate(
             for t in facts.target_nonempty
             if t not in ours.target_tables
         )
+    for dst, src in facts.rename_taken.items():
+        held = "holds rows" if dst in facts.rename_taken_nonempty else "exists"
+        p.append(
+            f"target table {dst} already {held}, and the plan renames {src} to it "
+            f"(tables.{src}.rename): the snapshot creates {dst} by renaming its copy of "
+            f"{src} and would fail there after the copy. Move it out of the way on the "
+            f"target (DROP TABLE {dst}; once its rows are safe), or rename {src} to another "
+            "name in the plan"
+        )
     for ext, cols in facts.missing_extensions.items():
         p.append(
             f"extension {ext} (used by {', '.join(cols[:5])}) is not available on the target: "
@@ -201,8 +221,11 @@ def gather(
     slot: str,
     publication: str,
     pg_dump: str,
+    plan: plan_mod.Plan = plan_mod.EMPTY,
 ) -> Facts:
-    """Read the facts :func:`evaluate` judges; changes nothing on either side."""
+    """Read the facts :func:`evaluate` judges; changes nothing on either side.
+
+    ``tables`` are the source's names; ``plan`` says where each lands on the target."""
     f = Facts()
     f.source_version = int(_setting(source, "server_version_num") or 0)
     f.pg_dump_major = pg_dump_major(pg_dump)
@@ -273,6 +296,10 @@ def gather(
             f.target_missing_columns[name] = missing
         if catalog.has_rows(target, info.table):
             f.target_nonempty.append(name)
+    for src, (dst, kind) in rename_destinations(target, plan, tables).items():
+        f.rename_taken[str(dst)] = str(src)
+        if kind in ("r", "p") and catalog.has_rows(target, dst):
+            f.rename_taken_nonempty.append(str(dst))
     if f.target_missing:
         available = {str(r[0]) for r in target.execute("SELECT name FROM pg_available_extensions")}
         for ext, cols in catalog.extension_types_used(source, tables).items():
@@ -281,6 +308,26 @@ def gather(
     source.rollback()
     target.rollback()
     return f
+
+
+def rename_destinations(
+    target: psycopg.Connection[Any], plan: plan_mod.Plan, tables: Sequence[TableId]
+) -> dict[TableId, tuple[TableId, str]]:
+    """Source table → (its rename destination, the ``relkind`` there), for the ``tables``
+    whose destination name the target already uses (by a table or any other relation)."""
+    wanted = {t: d for t, d in plan.renames.items() if t in set(tables)}
+    if not wanted:
+        return {}
+    rows = target.execute(
+        "SELECT d, c.relkind FROM unnest(%s::text[]) d JOIN pg_class c ON c.oid = to_regclass(d)",
+        ([catalog.qualified(d) for d in wanted.values()],),
+    ).fetchall()
+    kinds = {str(d): str(kind) for d, kind in rows}
+    return {
+        t: (d, kinds[catalog.qualified(d)])
+        for t, d in wanted.items()
+        if catalog.qualified(d) in kinds
+    }
 
 
 def _try_replication(dsn: str) -> str | None:

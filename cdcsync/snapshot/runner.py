@@ -293,6 +293,7 @@ class _Run:
             slot=s.slot_name,
             publication=s.publication_name,
             pg_dump=schema_copy.pg_bin("pg_dump"),
+            plan=self.plan,
         )
         problems = preflight.evaluate(
             facts,
@@ -501,7 +502,35 @@ class _Run:
         if found is not None and found.data.get("plan_applied"):
             return
         statements = [stmt for t in tables for stmt in self.plan.table(t).ddl(s.state_schema)]
+        hooked = [tp for t in tables if (tp := self.plan.table(t)).hooks()]
         with target.transaction():
+            # Python hooks first, on the table as copied (source names, before the DDL):
+            # rows read by key through a server-side cursor, whose snapshot does not see
+            # the rows rewritten meanwhile, each rewritten once.
+            for tp in hooked:
+                key = tuple(
+                    r[0]
+                    for r in target.execute(
+                        "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+                        "ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
+                        "WHERE i.indrelid = to_regclass(format('%%I.%%I', %s, %s)) "
+                        "AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                        (tp.table.schema, tp.table.name),
+                    )
+                )
+                if not key:
+                    raise PreconditionError(
+                        f"plan: {tp.table} has no primary key on the target: "
+                        "its hooked columns cannot be rewritten"
+                    )
+                select, update = tp.hook_sql(key)
+                rows = 0
+                with target.cursor(name="cdcsync_plan_hook") as cur, target.cursor() as out:
+                    cur.execute(select)
+                    while batch := cur.fetchmany(2000):
+                        out.executemany(update, [tp.hook_row(key, r) for r in batch])
+                        rows += len(batch)
+                log.info("plan: %d row(s) of %s through the hook(s)", rows, tp.table)
             for stmt in statements:
                 log.info("plan: %s", stmt.as_string(target))
                 target.execute(stmt)
