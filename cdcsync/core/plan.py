@@ -24,15 +24,29 @@ filter on the source (so updates moving a row in or out of it arrive as inserts 
 deletes) and the snapshot's WHERE clause. The plan's text is operator input, like a
 configuration file: filters, defaults and types are SQL written by whoever commits the
 plan, checked by PostgreSQL when the snapshot starts, never built from replicated data.
+
+The one exception is a ``hook`` transform, ``{hook: "package.module:function"}``, for
+values SQL built-ins cannot express: a Python function, imported from ``sys.path`` when
+the plan is read, called with each value's text form (``None`` for NULL) and returning
+the text to store (or ``None``; anything else is stored as its ``str``). PostgreSQL
+cannot run it, so each path runs it in Python: the snapshot rewrites the hooked columns
+by primary key after the copy, in the transaction of the plan's DDL; the streaming apply
+runs it on each row change's images in :meth:`TablePlan.map_event` (an unchanged TOASTed
+value is left as not sent); verification leaves hooked columns out and says so, and a
+repair refuses them. A hook is its column's only step and never on a key column or a
+table without a primary key (rows are found by key). It is one-way: after a cutover the
+target's values go back to the source as they are. The fingerprint covers the hook's
+name, not its code: an operator who changes the function re-snapshots.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +54,7 @@ from typing import Any
 import yaml
 from psycopg import sql
 
-from cdcsync.core.events import Column, Event, RowChange, TableId, Truncate
+from cdcsync.core.events import UNAVAILABLE, Column, Event, RowChange, TableId, Truncate
 from cdcsync.errors import ConfigError
 
 #: Built-in transforms without an argument, as SQL over the column.
@@ -54,13 +68,29 @@ _SQL_TEXT = re.compile(r"^[^;]*$")
 @dataclass(frozen=True)
 class Transform:
     """One step of a column's transform chain: ``trim``, ``lower``, ``upper``,
-    ``map`` (value → value, others unchanged) or ``default_if_null``."""
+    ``map`` (value → value, others unchanged), ``default_if_null`` or ``hook`` (a
+    Python function, ``hook`` naming it as ``module:function``)."""
 
     kind: str
     mapping: tuple[tuple[str, str | None], ...] = ()
     default: str | None = None
+    hook: str | None = None
+    function: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
+
+    def apply(self, value: Any) -> Any:
+        """A hook's result for one value: text or None; a value not sent stays so."""
+        assert self.function is not None
+        if value is UNAVAILABLE:
+            return value
+        out = self.function(value)
+        return out if out is None or isinstance(out, str) else str(out)
 
     def sql(self, inner: sql.Composable) -> sql.Composable:
+        if self.kind == "hook":
+            raise ConfigError(
+                f"the plan's hook {self.hook} runs in Python: it has no SQL form "
+                "(hooked columns cannot be re-copied or compared in the database)"
+            )
         if self.kind in SIMPLE_TRANSFORMS:
             return sql.SQL("{}({})").format(sql.SQL(SIMPLE_TRANSFORMS[self.kind]), inner)
         if self.kind == "map":
@@ -85,6 +115,11 @@ class ColumnPlan:
     @property
     def target(self) -> str | None:
         return None if self.drop else (self.rename or self.name)
+
+    @property
+    def hook(self) -> Transform | None:
+        """The column's Python hook, when its transform is one (then its only step)."""
+        return self.transforms[0] if self.transforms and self.transforms[0].kind == "hook" else None
 
 
 @dataclass(frozen=True)
@@ -130,8 +165,17 @@ class TablePlan:
         return column
 
     def transformed(self) -> dict[str, tuple[Transform, ...]]:
-        """Target column → its transform chain, for the columns that have one."""
-        return {c.target: c.transforms for c in self.columns.values() if c.transforms and c.target}
+        """Target column → its SQL transform chain, for the columns that have one (hooked
+        columns are not: their values arrive already hooked)."""
+        return {
+            c.target: c.transforms
+            for c in self.columns.values()
+            if c.transforms and c.target and c.hook is None
+        }
+
+    def hooks(self) -> dict[str, Transform]:
+        """Source column → its Python hook, for the hooked columns."""
+        return {c.name: h for c in self.columns.values() if (h := c.hook) is not None}
 
     def value_sql(self, column: str, ref: sql.Composable, *, cast: bool = True) -> sql.Composable:
         """A source column's value as it lands on the target (``ref`` names it)."""
@@ -160,7 +204,7 @@ class TablePlan:
                 self.value_sql(c.name, sql.Identifier(c.name), cast=False),
             )
             for c in self.columns.values()
-            if c.transforms and not c.drop
+            if c.transforms and not c.drop and c.hook is None
         ]
         if sets:
             out.append(sql.SQL("UPDATE {} SET {}").format(t, sql.SQL(", ").join(sets)))
@@ -196,6 +240,32 @@ class TablePlan:
         if self.rename is not None:
             out.extend(self._rename_ddl(state_schema))
         return out
+
+    def hook_sql(self, key: tuple[str, ...]) -> tuple[sql.Composed, sql.Composed]:
+        """The snapshot's rewrite of the hooked columns, on the table as copied (the
+        source's names), rows found by ``key``: a query of the key and the hooked columns
+        as text, and an UPDATE taking the new values then the key (text parameters, each
+        parsed by its column's input function)."""
+        t = sql.Identifier(self.table.schema, self.table.name)
+        hooked = list(self.hooks())
+        select = sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(
+                sql.SQL("{}::text").format(sql.Identifier(c)) for c in key + tuple(hooked)
+            ),
+            t,
+        )
+        update = sql.SQL("UPDATE {} SET {} WHERE {}").format(
+            t,
+            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in hooked),
+            sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
+        )
+        return select, update
+
+    def hook_row(self, key: tuple[str, ...], row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """One row read by :meth:`hook_sql`'s query as its UPDATE's parameters."""
+        values = row[len(key) :]
+        hooked = [h.apply(v) for h, v in zip(self.hooks().values(), values, strict=True)]
+        return (*hooked, *row[: len(key)])
 
     def _rename_ddl(self, state_schema: str) -> list[sql.Composed]:
         assert self.rename is not None
@@ -240,7 +310,7 @@ class TablePlan:
 
     def map_event(self, event: RowChange) -> RowChange:
         """A source row change in the target's table and column names (values as the
-        source sent them)."""
+        source sent them, hooked columns' through their hook)."""
         if not self.columns:
             if self.rename is None:
                 return event
@@ -264,13 +334,15 @@ class TablePlan:
         for name, value in row.items():
             target = self.target_of(name)
             if target is not None:
-                out[target] = value
+                col = self.columns.get(name)
+                hook = None if col is None else col.hook
+                out[target] = value if hook is None else hook.apply(value)
         return out
 
     def reverse_event(self, event: RowChange) -> RowChange:
         """A target row change in the source's column names: renames undone, added
-        columns left out (dropped columns stay as the source has them). Transforms are
-        one-way: the value written back is the transformed one."""
+        columns left out (dropped columns stay as the source has them). Transforms and
+        hooks are one-way: the value written back is the transformed one."""
         if not self.maps_columns:
             return event
 
@@ -553,6 +625,11 @@ def _column(name: str, spec: Any, where: str) -> ColumnPlan:
     if not isinstance(steps, list):
         steps = [steps]
     transforms = tuple(_transform(s, f"{where}.transform[{i}]") for i, s in enumerate(steps))
+    if len(transforms) > 1 and any(t.kind == "hook" for t in transforms):
+        raise ConfigError(
+            f"{where}.transform: a hook must be the column's only transform step "
+            "(do the rest inside the hook)"
+        )
     if drop and (rename or cast or transforms):
         raise ConfigError(f"{where}: a dropped column cannot also be renamed, cast or transformed")
     if cast and transforms:
@@ -565,7 +642,7 @@ def _transform(step: Any, where: str) -> Transform:
         if step in SIMPLE_TRANSFORMS:
             return Transform(step)
         raise ConfigError(
-            f"{where}: unknown transform {step!r} (trim, lower, upper, map, default_if_null)"
+            f"{where}: unknown transform {step!r} (trim, lower, upper, map, default_if_null, hook)"
         )
     if isinstance(step, dict) and len(step) == 1:
         ((kind, arg),) = step.items()
@@ -579,10 +656,32 @@ def _transform(step: Any, where: str) -> Transform:
             )
         if kind == "default_if_null" and arg is not None:
             return Transform("default_if_null", default=str(arg))
+        if kind == "hook":
+            return Transform("hook", hook=str(arg), function=_load_hook(arg, f"{where}.hook"))
     raise ConfigError(
         f"{where}: {step!r} is not a transform "
-        "(trim, lower, upper, {map: {…}}, {default_if_null: …})"
+        "(trim, lower, upper, {map: {…}}, {default_if_null: …}, {hook: module:function})"
     )
+
+
+def _load_hook(name: Any, where: str) -> Callable[[Any], Any]:
+    """The function ``package.module:function`` names, imported now so a wrong name fails
+    when the plan is read, not at the first row."""
+    if not isinstance(name, str) or name.count(":") != 1 or "" in name.split(":"):
+        raise ConfigError(f"{where}: {name!r} must be package.module:function")
+    module_name, attr = name.split(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a missing module, or one failing as it is imported
+        raise ConfigError(f"{where}: cannot import module {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            raise ConfigError(f"{where}: module {module_name!r} has no {attr!r}")
+    if not callable(found):
+        raise ConfigError(f"{where}: {name!r} is not callable")
+    function: Callable[[Any], Any] = found
+    return function
 
 
 def validate_against(

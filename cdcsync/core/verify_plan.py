@@ -7,10 +7,12 @@ column names, in the table the plan renames it to (:attr:`Mapping.target_table`)
 :class:`Mapping` pairs the two: the compared columns in the source's
 column order, the key named per side (a key column can be renamed, never cast or
 transformed, so ranges are cut on the same key values), and each side's filter.
-Dropped columns are not compared. Columns the plan adds on the target are left out of
-the row hash: their values are the target's own (a default evaluated when the row was
-written, then whatever the application writes after the cutover); verification counts
-the rows where they differ from the default expression as a note.
+Dropped columns are not compared, nor are columns a Python hook computes (the database
+cannot compute them on the source side; the report names them). Columns the plan adds
+on the target are left out of the row hash: their values are the target's own (a
+default evaluated when the row was written, then whatever the application writes after
+the cutover); verification counts the rows where they differ from the default
+expression as a note.
 
 Once the target has been the primary (after a cutover, and for a rollback's
 verification), rows written there came back to the source through the reverse stream,
@@ -150,6 +152,13 @@ def build(
             skipped.append(f"{name}: dropped by the plan, not compared")
             continue
         col = plan.columns.get(name)
+        if col is not None and col.hook is not None:
+            skipped.append(
+                f"{target}: computed by the Python hook {col.hook.hook}, which the database "
+                "cannot run: not compared"
+            )
+            uncompared.append(target)
+            continue
         chain = col.transforms if col is not None else ()
         cast = bool(col is not None and col.cast)
         if reverse and not idempotent(chain):

@@ -513,7 +513,7 @@ class _Run:
                     for r in target.execute(
                         "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
                         "ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
-                        "WHERE i.indrelid = to_regclass(format('%%I.%%I', %s, %s)) "
+                        "WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) "
                         "AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
                         (tp.table.schema, tp.table.name),
                     )

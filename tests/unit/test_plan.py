@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cdcsync.core import plan as plan_mod
 from cdcsync.core.events import (
+    UNAVAILABLE,
     Column,
     Op,
     Position,
@@ -435,3 +436,106 @@ def test_the_applier_finds_a_renamed_tables_transforms_and_rows_by_its_target_na
     reverse = _mapped_fetch(fetch, plan, Endpoint("reverse", "p", "s", "t"))
     assert reverse(T, ("a",), [("2",)]) == {("2",): {"a": "2", "b": "x"}}
     assert calls == [(T, ("a",)), (moved, ("a2",))]
+
+
+HOOK = "tests.integration.plan_hooks:mask_email"
+
+
+def _hooked(**column: Any) -> plan_mod.Plan:
+    spec = {"transform": [{"hook": HOOK}], **column}
+    return plan_mod.parse({"tables": {"public.t": {"columns": {"b": spec}}}})
+
+
+def test_a_hook_maps_event_images_and_leaves_the_toast_placeholder() -> None:
+    from tests.integration.plan_hooks import mask_email
+
+    tp = _hooked(rename="mail").table(T)
+    assert tp.hooks()["b"].hook == HOOK and tp.transformed() == {}
+    out = tp.map_event(change({"a": "1", "b": "Ann@Example.COM", "c": "x"}))
+    assert out.after == {"a": "1", "mail": mask_email("Ann@Example.COM"), "c": "x"}
+    assert out.before == out.after and out.key == {"a": "1"}
+    assert out.after["mail"] != "Ann@Example.COM"
+    assert tp.map_event(change({"a": "1", "b": None})).after == {"a": "1", "mail": None}
+    unsent = tp.map_event(change({"a": "1", "b": UNAVAILABLE}))
+    assert unsent.after == {"a": "1", "mail": UNAVAILABLE}
+    # One-way: the target's value goes back as it is.
+    back = tp.reverse_event(dataclasses.replace(out, table=T))
+    assert back.after == {"a": "1", "b": mask_email("Ann@Example.COM"), "c": "x"}
+
+
+@given(st.one_of(st.none(), st.text()))
+def test_a_hook_is_called_with_the_value_and_its_result_kept_as_text(value: str | None) -> None:
+    seen: list[Any] = []
+
+    def hook(v: Any) -> Any:
+        seen.append(v)
+        return None if v is None else len(v)
+
+    step = plan_mod.Transform("hook", hook="m:f", function=hook)
+    assert step.apply(value) == (None if value is None else str(len(value)))
+    assert seen == [value]
+    assert step.apply(UNAVAILABLE) is UNAVAILABLE and seen == [value]
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ({"transform": ["trim", {"hook": HOOK}]}, "only transform step"),
+        ({"transform": [{"hook": HOOK}, "lower"]}, "only transform step"),
+        ({"transform": [{"hook": HOOK}], "cast": "text"}, "not both"),
+        ({"transform": [{"hook": HOOK}], "drop": True}, "dropped column"),
+        ({"transform": {"hook": "no_such_module_zz:f"}}, "cannot import module"),
+        ({"transform": {"hook": "tests.integration.plan_hooks:nope"}}, "has no 'nope'"),
+        ({"transform": {"hook": "tests.integration.plan_hooks:NOT_CALLABLE"}}, "not callable"),
+        ({"transform": {"hook": "no_colon"}}, "package.module:function"),
+        ({"transform": {"hook": ["x"]}}, "package.module:function"),
+    ],
+)
+def test_bad_hooks_are_refused_naming_the_plan_location(spec: Any, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        plan_mod.parse({"tables": {"public.t": {"columns": {"b": spec}}}}, "p.yaml")
+    assert "p.yaml: tables.public.t.columns.b" in str(err.value), err.value
+    assert needle in str(err.value), err.value
+
+
+def test_hooks_on_a_key_column_or_a_keyless_table_are_problems() -> None:
+    on_key = plan_mod.parse(
+        {"tables": {"public.t": {"columns": {"a": {"transform": {"hook": HOOK}}}}}}
+    )
+    problems = plan_mod.validate_against(on_key, {T: ("a", "b")}, {T: ("a",)})
+    assert any("part of the primary key" in p for p in problems), problems
+    problems = plan_mod.validate_against(_hooked(), {T: ("a", "b")}, {})
+    assert any("no primary key" in p for p in problems), problems
+    assert plan_mod.validate_against(_hooked(), {T: ("a", "b")}, {T: ("a",)}) == []
+
+
+def test_hooked_columns_have_no_sql_and_are_rewritten_by_key() -> None:
+    from psycopg import sql
+
+    from tests.integration.plan_hooks import mask_email
+
+    raw = {"b": {"transform": {"hook": HOOK}}, "c": {"transform": "trim"}}
+    tp = plan_mod.parse({"tables": {"public.t": {"columns": raw}}}).table(T)
+    assert list(tp.transformed()) == ["c"]  # the applier's SQL transforms
+    ddl = [s.as_string(None) for s in tp.ddl()]
+    assert ddl == ['UPDATE "public"."t" SET "c" = btrim("c")'], ddl
+    with pytest.raises(ConfigError, match="runs in Python"):
+        tp.value_sql("b", sql.Identifier("b"))
+    select, update = tp.hook_sql(("a", "k"))
+    assert select.as_string(None) == 'SELECT "a"::text, "k"::text, "b"::text FROM "public"."t"'
+    assert update.as_string(None) == 'UPDATE "public"."t" SET "b" = %s WHERE "a" = %s AND "k" = %s'
+    assert tp.hook_row(("a", "k"), ("1", "2", "x@y")) == (mask_email("x@y"), "1", "2")
+    assert tp.hook_row(("a", "k"), ("1", "2", None)) == (None, "1", "2")
+
+
+def test_verification_leaves_hooked_columns_out_and_says_so() -> None:
+    from cdcsync.core import verify_plan
+
+    tp = _hooked().table(T)
+    for reverse in (False, True):
+        m = verify_plan.build(
+            T, tp, {"a": "bigint", "b": "text", "c": "text"}, ("a",), reverse=reverse
+        )
+        assert [p.target for p in m.pairs] == ["a", "c"]
+        assert m.uncompared == ("b",) and not m.identity
+        assert any("b: computed by the Python hook" in n and "not compared" in n for n in m.skipped)
