@@ -603,9 +603,9 @@ class _Run:
                 len(plan),
                 len(todo),
             )
-        binary = sorted(str(t) for t, h in how.items() if not h.binary)
-        if binary:
-            log.info("copied as text (a column type has no portable binary form): %s", binary)
+        as_text = sorted(str(t) for t, h in how.items() if not h.binary)
+        if as_text:
+            log.info("copied as text (a column type has no portable binary form): %s", as_text)
         post = self.post = postdata.PostDataRun(
             self.target_dsn, script, _owners(infos), _partitioned(infos)
         )
