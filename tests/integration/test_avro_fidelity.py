@@ -86,10 +86,12 @@ def test_typed_rows_arrive_equal_through_avro_and_a_real_registry(
     assert config["value.converter"] == "io.apicurio.registry.utils.converter.AvroConverter"
 
     load = workload.Load(source_dsn, seconds=15, seed=3)
-    load.start()
     with psycopg.connect(source_dsn, autocommit=True) as conn:
+        # Inserted before the load starts: its writer takes keys past the largest one
+        # it finds, so none of its inserts can meet these.
         for i, values in enumerate(workload.ROW_VALUES, start=900_000):
             workload.insert_typed(conn, i, values)
+        load.start()
         # Every typed value once more, as an UPDATE's new image.
         update = sql.SQL("UPDATE public.all_types SET ({}) = ROW({}) WHERE id = %s").format(
             sql.SQL(", ").join(map(sql.Identifier, workload.COLUMNS)),

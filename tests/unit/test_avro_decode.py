@@ -8,7 +8,6 @@ writer schema with ``connect.*`` annotations, Confluent framing, fastavro's enco
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import math
@@ -17,11 +16,17 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from fastavro import parse_schema, schemaless_writer
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cdcsync.core.avro_decode import AvroDecoder, float32_text, unescape_name
+from cdcsync.core.avro_decode import (
+    AvroDecoder,
+    WriterSchema,
+    _body_reader,
+    float32_text,
+    unescape_name,
+)
 from cdcsync.core.debezium import Decoder
 from cdcsync.core.events import Heartbeat, Position, RowChange, Tombstone
 from cdcsync.errors import DecodeError, HaltedError
@@ -437,8 +442,13 @@ def test_avro_event_equals_its_json_twin(
         after = {**(after or {}), "id": row["id"]}
     (akey, avalue), (jkey, jvalue), registry = twins(columns, [before, after], op)
     expected = Decoder().decode(TOPIC, 3, 9, jkey, jvalue, topic_prefix=PREFIX)
-    got = AvroDecoder(registry).decode(TOPIC, 3, 9, akey, avalue, topic_prefix=PREFIX)
+    decoder = AvroDecoder(registry)
+    got = decoder.decode(TOPIC, 3, 9, akey, avalue, topic_prefix=PREFIX)
     assert got == expected
+    # The compiled shortcut read it, and the payload path alone agrees.
+    assert decoder.payload_path == 0
+    reference = AvroDecoder(registry, shortcut=False)
+    assert reference.decode(TOPIC, 3, 9, akey, avalue, topic_prefix=PREFIX) == expected
     assert isinstance(got, RowChange)
     assert [c.name for c in got.columns] == ["id", *[n for n, _, _ in columns]]
 
@@ -509,8 +519,16 @@ def test_any_bytes_decode_or_raise_decode_error(
     if mutate and value is not None:
         # A valid frame around random or truncated bodies reaches the Avro reader.
         value = b"\0" + schema_id.to_bytes(4, "big") + (value or good_value[5:])[: len(value)]
-    with contextlib.suppress(DecodeError):
-        AvroDecoder(registry).decode(TOPIC, 0, 0, key or good_key, value, topic_prefix=PREFIX)
+    outcomes = []
+    for shortcut in (True, False):
+        decoder = AvroDecoder(registry, shortcut=shortcut)
+        try:
+            event = decoder.decode(TOPIC, 0, 0, key or good_key, value, topic_prefix=PREFIX)
+            outcomes.append(repr(event))
+        except DecodeError as exc:
+            outcomes.append(f"DecodeError: {exc}")
+    # The shortcut gives the payload path's event, or its very error.
+    assert outcomes[0] == outcomes[1]
 
 
 @example(3.4025001647762064e38)  # rounding to fewer digits passes the largest float32
@@ -534,3 +552,111 @@ def test_envelope_names_without_escapes_stay() -> None:
     assert unescape_name("Mixed_u0020Case") == "Mixed Case"
     assert unescape_name("a_u005fb") == "a_b"
     assert unescape_name("_ud83d_ude00") == "\U0001f600"
+
+
+# ------------------------------------------------------------ compiled reader
+_SHAPES = {
+    "type": "record",
+    "name": "Shapes",
+    "namespace": "ns",
+    "fields": [
+        {"name": "b", "type": "boolean"},
+        {"name": "i", "type": {"type": "int", "connect.type": "int16"}},
+        {"name": "l", "type": ["null", "long"]},
+        {"name": "f", "type": "float"},
+        {"name": "d", "type": ["double", "null"]},
+        {"name": "s", "type": "string"},
+        {"name": "y", "type": "bytes"},
+        {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A", "B", "C"]}},
+        {"name": "x", "type": {"type": "fixed", "name": "F", "size": 3}},
+        {"name": "a", "type": {"type": "array", "items": ["null", "string"]}},
+        {"name": "m", "type": {"type": "map", "values": "E"}},
+        {"name": "u", "type": ["null", "long", "string"]},
+        {
+            "name": "n",
+            "type": [
+                "null",
+                {
+                    "type": "record",
+                    "name": "Node",
+                    "fields": [
+                        {"name": "v", "type": "long"},
+                        {"name": "next", "type": ["null", "Node"]},
+                    ],
+                },
+            ],
+        },
+        {"name": "again", "type": ["null", "F"]},
+    ],
+}
+_longs = st.integers(-(2**63), 2**63 - 1)
+_nodes = st.recursive(
+    st.none(), lambda inner: st.fixed_dictionaries({"v": _longs, "next": inner}), max_leaves=4
+)
+_shape_values = st.fixed_dictionaries(
+    {
+        "b": st.booleans(),
+        "i": st.integers(-(2**15), 2**15 - 1),
+        "l": st.none() | _longs,
+        "f": st.floats(width=32),
+        "d": st.none() | st.floats(),
+        "s": _text,
+        "y": st.binary(max_size=12),
+        "e": st.sampled_from(["A", "B", "C"]),
+        "x": st.binary(min_size=3, max_size=3),
+        "a": st.lists(st.none() | _text, max_size=3),
+        "m": st.dictionaries(_text, st.sampled_from(["A", "C"]), max_size=3),
+        "u": st.none() | _longs | _text,
+        "n": _nodes,
+        "again": st.none() | st.binary(min_size=3, max_size=3),
+    }
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(record=_shape_values, cut=st.integers(0, 400), flip=st.integers(0, 400))
+def test_compiled_reader_reads_what_fastavro_reads(record: Any, cut: int, flip: int) -> None:
+    """Whole: the same values; truncated or with a byte changed: the same, or it raises."""
+    schema = WriterSchema(5, parse_schema(_SHAPES), {}, lambda v: v)
+    read = _body_reader(schema)
+    assert read is not None
+    data = framed(5, _SHAPES, record)
+
+    def fastavro_read(data: bytes) -> Any:
+        buffer = io.BytesIO(data[5:])
+        got = schemaless_reader(buffer, schema.parsed, None)
+        assert buffer.tell() == len(data) - 5
+        return got
+
+    assert repr(read(data)) == repr(fastavro_read(data))
+    damaged = bytearray(data[: 5 + cut % max(1, len(data) - 5)])
+    if len(damaged) > 5:
+        damaged[5 + flip % (len(damaged) - 5)] ^= 0x5A
+    try:
+        mine = repr(read(bytes(damaged)))
+    except Exception:
+        return  # the decoder then asks fastavro, through the payload path
+    assert mine == repr(fastavro_read(bytes(damaged)))
+
+
+def test_projection_keeps_only_the_members_asked_for() -> None:
+    schema = WriterSchema(5, parse_schema(_SHAPES), {}, lambda v: v)
+    record = {
+        "b": True,
+        "i": 1,
+        "l": 2,
+        "f": 0.5,
+        "d": None,
+        "s": "é",
+        "y": b"",
+        "e": "B",
+        "x": b"abc",
+        "a": ["q", None],
+        "m": {"k": "C"},
+        "u": "t",
+        "n": {"v": 3, "next": {"v": 4, "next": None}},
+        "again": b"xyz",
+    }
+    read = _body_reader(schema, {"s": True, "n": {"v": True}, "u": True})
+    assert read is not None
+    assert read(framed(5, _SHAPES, record)) == {"s": "é", "u": "t", "n": {"v": 3}}
