@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import psycopg
 import pytest
 import yaml
 
+from tests.integration import workload
 from tests.integration.cutover_helpers import cdcsync, drain_direction, settings_for
 from tests.integration.test_e2e_stream import Daemon, wait_streaming
 
@@ -90,56 +90,41 @@ def _row(rng: random.Random, key: int) -> tuple[object, ...]:
     )
 
 
-class Writer:
+class Writer(workload.Writer):
     """Inserts, updates (into and out of the filter) and deletes for a while."""
 
-    def __init__(self, dsn: str, seconds: float) -> None:
-        self.dsn, self.seconds = dsn, seconds
-        self.errors: list[str] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
+    seed = 3
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def wait(self) -> None:
-        self.thread.join(self.seconds + 60)
-
-    def _run(self) -> None:
-        rng = random.Random(3)
+    def write(self, conn: psycopg.Connection[Any], rng: random.Random, end: float) -> None:
         key = 1000
-        end = time.monotonic() + self.seconds
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while time.monotonic() < end:
-                    key += 1
-                    conn.execute(
-                        "INSERT INTO public.customers VALUES (%s, %s, %s, %s, %s, %s)",
-                        _row(rng, key),
-                    )
-                    target = rng.randint(1, key)
-                    choice = rng.random()
-                    if choice < 0.4:
-                        conn.execute(
-                            "UPDATE public.customers SET deleted = NOT deleted, "
-                            "amount = amount + 1 WHERE id = %s",
-                            (target,),
-                        )
-                    elif choice < 0.7:
-                        conn.execute(
-                            "UPDATE public.customers SET email = %s, status = %s WHERE id = %s",
-                            (f" NEW{target}@Mail.COM ", rng.choice(["A", "I", None]), target),
-                        )
-                    elif choice < 0.8:
-                        conn.execute("DELETE FROM public.customers WHERE id = %s", (target,))
-                    conn.execute(
-                        "INSERT INTO public.plain VALUES (%s, 'p') ON CONFLICT (id) DO UPDATE "
-                        "SET v = public.plain.v || '+'",
-                        (key % 50,),
-                    )
-                    conn.execute("INSERT INTO public.audit VALUES (%s, 'n')", (key,))
-                    time.sleep(0.005)
-        except psycopg.Error as exc:
-            self.errors.append(str(exc))
+        while time.monotonic() < end:
+            key += 1
+            conn.execute(
+                "INSERT INTO public.customers VALUES (%s, %s, %s, %s, %s, %s)",
+                _row(rng, key),
+            )
+            target = rng.randint(1, key)
+            choice = rng.random()
+            if choice < 0.4:
+                conn.execute(
+                    "UPDATE public.customers SET deleted = NOT deleted, "
+                    "amount = amount + 1 WHERE id = %s",
+                    (target,),
+                )
+            elif choice < 0.7:
+                conn.execute(
+                    "UPDATE public.customers SET email = %s, status = %s WHERE id = %s",
+                    (f" NEW{target}@Mail.COM ", rng.choice(["A", "I", None]), target),
+                )
+            elif choice < 0.8:
+                conn.execute("DELETE FROM public.customers WHERE id = %s", (target,))
+            conn.execute(
+                "INSERT INTO public.plain VALUES (%s, 'p') ON CONFLICT (id) DO UPDATE "
+                "SET v = public.plain.v || '+'",
+                (key % 50,),
+            )
+            conn.execute("INSERT INTO public.audit VALUES (%s, 'n')", (key,))
+            time.sleep(0.005)
 
 
 def test_plan_through_snapshot_and_streaming(

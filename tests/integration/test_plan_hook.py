@@ -14,14 +14,15 @@ import json
 import os
 import random
 import signal
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import yaml
 
+from tests.integration import workload
 from tests.integration.cutover_helpers import cdcsync, drain_direction
 from tests.integration.plan_hooks import mask_email
 from tests.integration.test_e2e_stream import Daemon, wait_streaming
@@ -65,41 +66,28 @@ def _row(rng: random.Random, key: int) -> tuple[object, ...]:
     return key, _email(rng, key), f"  n{key} ", rng.randint(0, 1000)
 
 
-class Writer:
+class Writer(workload.Writer):
     """Inserts, updates (e-mails, or only the score) and deletes for a while."""
 
-    def __init__(self, dsn: str, seconds: float) -> None:
-        self.dsn, self.seconds = dsn, seconds
-        self.errors: list[str] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
+    seed = 7
 
-    def _run(self) -> None:
-        rng = random.Random(7)
+    def write(self, conn: psycopg.Connection[Any], rng: random.Random, end: float) -> None:
         key = 1000
-        end = time.monotonic() + self.seconds
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while time.monotonic() < end:
-                    key += 1
-                    conn.execute(
-                        "INSERT INTO public.people VALUES (%s, %s, %s, %s)", _row(rng, key)
-                    )
-                    other = rng.randint(1, key)
-                    pick = rng.random()
-                    if pick < 0.4:
-                        conn.execute(
-                            "UPDATE public.people SET email = %s WHERE id = %s",
-                            (_email(rng, other), other),
-                        )
-                    elif pick < 0.8:  # a TOASTed e-mail arrives as the placeholder
-                        conn.execute(
-                            "UPDATE public.people SET score = score + 1 WHERE id = %s", (other,)
-                        )
-                    elif pick < 0.9:
-                        conn.execute("DELETE FROM public.people WHERE id = %s", (other,))
-                    time.sleep(0.005)
-        except psycopg.Error as exc:
-            self.errors.append(str(exc))
+        while time.monotonic() < end:
+            key += 1
+            conn.execute("INSERT INTO public.people VALUES (%s, %s, %s, %s)", _row(rng, key))
+            other = rng.randint(1, key)
+            pick = rng.random()
+            if pick < 0.4:
+                conn.execute(
+                    "UPDATE public.people SET email = %s WHERE id = %s",
+                    (_email(rng, other), other),
+                )
+            elif pick < 0.8:  # a TOASTed e-mail arrives as the placeholder
+                conn.execute("UPDATE public.people SET score = score + 1 WHERE id = %s", (other,))
+            elif pick < 0.9:
+                conn.execute("DELETE FROM public.people WHERE id = %s", (other,))
+            time.sleep(0.005)
 
 
 def test_a_hook_through_snapshot_streaming_and_verify(
@@ -148,8 +136,8 @@ def test_a_hook_through_snapshot_streaming_and_verify(
     assert len(copied) == 400 and snap == [(i, mask_email(e)) for i, e in copied]
     assert sum(e != mask_email(e) for _, e in copied) > 300
     writer = Writer(source_dsn, seconds=10)
-    writer.thread.start()
-    writer.thread.join(70)
+    writer.start()
+    writer.wait()
     assert not writer.errors, writer.errors
     drain_direction(env, "forward", timeout=180)
 

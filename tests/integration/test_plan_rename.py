@@ -27,6 +27,7 @@ import yaml
 
 from cdcsync.adapters import fence
 from cdcsync.core.events import TableId
+from tests.integration import workload
 from tests.integration.cutover_helpers import cdcsync, drain_direction
 from tests.integration.test_e2e_stream import Daemon, wait_streaming
 
@@ -72,72 +73,59 @@ PAIRS = [
 SOURCE_NAMES = [TableId("public", n) for n in ("orders", "notes", "tags", "plain")]
 
 
-class Writer:
+class Writer(workload.Writer):
     """Writes to every table for ``seconds`` at least, and on until it has emptied the
     notes once (when ``truncate`` is set) and written two seconds more."""
 
+    seed = 11
+    grace = 240.0
+
     def __init__(self, dsn: str, seconds: float) -> None:
-        self.dsn, self.seconds = dsn, seconds
-        self.errors: list[str] = []
+        super().__init__(dsn, seconds)
         self.truncate = threading.Event()
         self.truncated = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def wait(self) -> None:
-        self.thread.join(self.seconds + 240)
-
-    def _run(self) -> None:
-        rng = random.Random(11)
-        end = time.monotonic() + self.seconds
+    def write(self, conn: psycopg.Connection[Any], rng: random.Random, end: float) -> None:
         cap = end + 180
         n = 0
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while time.monotonic() < cap and (
-                    time.monotonic() < end or not self.truncated.is_set()
-                ):
-                    n += 1
-                    conn.execute(
-                        "INSERT INTO public.orders (customer, amount) VALUES (%s, %s)",
-                        (f"c{n}", rng.randint(1, 500)),
-                    )
-                    pick = rng.randint(1, 200 + n)
-                    conn.execute(
-                        "UPDATE public.orders SET amount = amount + 1, customer = customer || '+' "
-                        "WHERE id = %s",
-                        (pick,),
-                    )
-                    if rng.random() < 0.2:
-                        conn.execute("DELETE FROM public.orders WHERE id = %s", (pick + 1,))
-                    conn.execute(
-                        "INSERT INTO public.notes VALUES (%s, %s) ON CONFLICT (id) DO UPDATE "
-                        "SET body = public.notes.body || '.'",
-                        (n % 80, f"note {n}"),
-                    )
-                    conn.execute(
-                        "INSERT INTO public.tags VALUES (%s, %s)", (f"t{n % 7}", rng.randint(0, 9))
-                    )
-                    if rng.random() < 0.3:
-                        conn.execute(
-                            "UPDATE public.tags SET weight = weight + 1 WHERE ctid = "
-                            "(SELECT ctid FROM public.tags WHERE tag = %s LIMIT 1)",
-                            (f"t{n % 7}",),
-                        )
-                    conn.execute(
-                        "INSERT INTO public.plain VALUES (%s, 'p') ON CONFLICT (id) DO UPDATE "
-                        "SET v = public.plain.v || '+'",
-                        (n % 30,),
-                    )
-                    if self.truncate.is_set() and not self.truncated.is_set():
-                        conn.execute("TRUNCATE public.notes")
-                        self.truncated.set()
-                        end = max(end, time.monotonic() + 2)
-                    time.sleep(0.005)
-        except psycopg.Error as exc:
-            self.errors.append(str(exc))
+        while time.monotonic() < cap and (time.monotonic() < end or not self.truncated.is_set()):
+            n += 1
+            conn.execute(
+                "INSERT INTO public.orders (customer, amount) VALUES (%s, %s)",
+                (f"c{n}", rng.randint(1, 500)),
+            )
+            pick = rng.randint(1, 200 + n)
+            conn.execute(
+                "UPDATE public.orders SET amount = amount + 1, customer = customer || '+' "
+                "WHERE id = %s",
+                (pick,),
+            )
+            if rng.random() < 0.2:
+                conn.execute("DELETE FROM public.orders WHERE id = %s", (pick + 1,))
+            conn.execute(
+                "INSERT INTO public.notes VALUES (%s, %s) ON CONFLICT (id) DO UPDATE "
+                "SET body = public.notes.body || '.'",
+                (n % 80, f"note {n}"),
+            )
+            conn.execute(
+                "INSERT INTO public.tags VALUES (%s, %s)", (f"t{n % 7}", rng.randint(0, 9))
+            )
+            if rng.random() < 0.3:
+                conn.execute(
+                    "UPDATE public.tags SET weight = weight + 1 WHERE ctid = "
+                    "(SELECT ctid FROM public.tags WHERE tag = %s LIMIT 1)",
+                    (f"t{n % 7}",),
+                )
+            conn.execute(
+                "INSERT INTO public.plain VALUES (%s, 'p') ON CONFLICT (id) DO UPDATE "
+                "SET v = public.plain.v || '+'",
+                (n % 30,),
+            )
+            if self.truncate.is_set() and not self.truncated.is_set():
+                conn.execute("TRUNCATE public.notes")
+                self.truncated.set()
+                end = max(end, time.monotonic() + 2)
+            time.sleep(0.005)
 
 
 def _verify(env: dict[str, str], level: str) -> tuple[int, dict[str, Any]]:

@@ -228,6 +228,37 @@ ACTIONS = (
 )
 
 
+class Writer:
+    """A thread writing to the source for ``seconds``; what failed is kept for the test.
+
+    Subclasses say what one run writes (:meth:`write`); the seed makes it repeatable.
+    """
+
+    seed = 0
+    grace = 60.0  # how long past ``seconds`` :meth:`wait` waits for the thread
+
+    def __init__(self, dsn: str, seconds: float) -> None:
+        self.dsn, self.seconds = dsn, seconds
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wait(self) -> None:
+        self.thread.join(self.seconds + self.grace)
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                self.write(conn, random.Random(self.seed), time.monotonic() + self.seconds)
+        except psycopg.Error as exc:
+            self.errors.append(str(exc))
+
+    def write(self, conn: psycopg.Connection[Any], rng: random.Random, end: float) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class Load:
     """pgbench plus a writer of the hard cases, until ``stop``."""
