@@ -356,7 +356,7 @@ class StreamLoop:
                         value = msg.value()
                         event = self._decode(msg, topic, partition, offset, value)
                         if self._map is not None and event is not None:
-                            event = self._map(event)
+                            event = self._mapped(event, msg)
                         if event is not None and self._replayed(
                             event, msg, topic, partition, offset
                         ):
@@ -380,6 +380,16 @@ class StreamLoop:
             observer.stream_stopped(direction)
             consumer.close()
             conn.close()
+
+    def _mapped(self, event: Event, msg: Any) -> Event:
+        """The event in the target's names; a plan hook that raises halts naming where."""
+        assert self._map is not None
+        try:
+            return self._map(event)
+        except Exception as exc:
+            raise HaltedError(
+                f"the plan's mapping failed on {_where(msg)}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _hold_if_paused(self, consumer: Any, conn: psycopg.Connection[Any]) -> bool:
         """While an operator pause lasts: fetch nothing, apply nothing, keep the group.
