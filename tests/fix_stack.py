@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,23 +155,35 @@ def _new_database(admin_dsn: str, prefix: str) -> tuple[str, str]:
     return name, dsn
 
 
-def _drop_database(admin_dsn: str, name: str) -> None:
+def _drop_database(admin_dsn: str, name: str, timeout: float = 60.0) -> None:
+    """Drop a test database, its slots first (their walsenders ended).
+
+    A connector just deleted may still be stopping and reconnect to its slot between the
+    termination and the drop: asked again until the database is gone.
+    """
+    deadline = time.monotonic() + timeout
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        # Slots pin a database; drop them (their walsenders first) before the database.
-        conn.execute(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-            "WHERE database = %s AND active_pid IS NOT NULL",
-            (name,),
-        )
-        rows = conn.execute(
-            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
-        ).fetchall()
-        for (slot,) in rows:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        while True:
+            conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE database = %s AND active_pid IS NOT NULL",
+                (name,),
+            )
+            rows = conn.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+            ).fetchall()
+            for (slot,) in rows:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            try:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+                return
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 @pytest.fixture
