@@ -86,6 +86,17 @@ def fresh_target(target_admin: str, dump: Path, name: str) -> str:
     return dsn
 
 
+def cdcsync_target(
+    target_admin: str, dump: Path, name: str, settings: Any, migration_id: str
+) -> tuple[str, Any]:
+    """A restored target with cdcsync's state schema, and settings applying into it."""
+    target = fresh_target(target_admin, dump, name)
+    with psycopg.connect(target, autocommit=True) as conn:
+        ensure_schema(conn)
+    update = {"migration_id": migration_id, "target_dsn": target, "instance_id": migration_id}
+    return target, settings.model_copy(update=update)
+
+
 def drop(target_admin: str, name: str) -> None:
     dsn = psycopg.conninfo.make_conninfo(target_admin, dbname=name)
     try:
@@ -388,13 +399,8 @@ def main() -> None:
                         continue
                     db = f"bench_cdcsync_{run}_{round_no}_{len(created)}"
                     created.append(db)
-                    target = fresh_target(target_admin, dump, db)
-                    with psycopg.connect(target, autocommit=True) as conn:
-                        ensure_schema(conn)
                     mig = f"{prefix}_r{round_no}_{len(created)}"
-                    s = settings.model_copy(
-                        update={"migration_id": mig, "target_dsn": target, "instance_id": mig}
-                    )
+                    target, s = cdcsync_target(target_admin, dump, db, settings, mig)
                     loop = StreamLoop(s, Endpoint("forward", prefix, target, source, set(tables)))
 
                     def cdcsync_run(
@@ -454,13 +460,7 @@ def main() -> None:
         if args.applier_rss:
             db = f"bench_rss_{run}"
             created.append(db)
-            target = fresh_target(target_admin, dump, db)
-            with psycopg.connect(target, autocommit=True) as conn:
-                ensure_schema(conn)
-            mig = f"{prefix}_rss"
-            s = settings.model_copy(
-                update={"migration_id": mig, "target_dsn": target, "instance_id": mig}
-            )
+            target, s = cdcsync_target(target_admin, dump, db, settings, f"{prefix}_rss")
             child = multiprocessing.get_context("spawn").Process(
                 target=_drain_child,
                 args=(
