@@ -314,6 +314,9 @@ class StreamLoop:
             self.settings.apply.batch_max_wait_ms / 1000.0,
         )
         observer, direction = self.observer, self.endpoint.direction
+        # Only a dead letter needs the original message; holding every message of a
+        # 20,000-event batch (≈ 4.5 KB each as JSON) would double the applier's memory.
+        keep_raw = self.settings.apply.on_error == "dead-letter"
         observer.stream_started(direction, self.endpoint.tables)
         try:
             while not self.stop.is_set():
@@ -367,7 +370,8 @@ class StreamLoop:
                             continue  # sent to the dead-letter topic
                         batch.add(topic, partition, offset, len(value or b""))
                         events.append(event)
-                        raw[(topic, partition, offset)] = msg
+                        if keep_raw:
+                            raw[(topic, partition, offset)] = msg
                     if not msgs:
                         break
                 if batch.events:
@@ -616,11 +620,11 @@ class StreamLoop:
                     continue
                 pos = exc.position
                 msg = raw.get((pos.topic, pos.partition, pos.offset)) if pos else None
+                bad = next((e for e in events if e.position == pos), None)
                 if self.settings.apply.on_error != "dead-letter" or msg is None or _resource(exc):
-                    where = _where(msg) if msg is not None else "batch"
+                    where = _where(msg) if msg is not None else _event_where(bad)
                     raise HaltedError(f"cannot apply {where}: {exc}") from None
                 self._dead_letter(msg, str(exc))
-                bad = next((e for e in events if e.position == pos), None)
                 table = getattr(bad, "table", None)
                 self.observer.dead_lettered(
                     self.endpoint.direction, table if isinstance(table, TableId) else None, "apply"
@@ -760,6 +764,16 @@ def _where(msg: Any) -> str:
     key = msg.key()
     shown = key.decode(errors="replace")[:200] if key else "null"
     return f"{msg.topic()}[{msg.partition()}]@{msg.offset()} key={shown}"
+
+
+def _event_where(event: Event | None) -> str:
+    """``_where`` for an event whose message was not kept: the key as decoded."""
+    if event is None or not hasattr(event, "position"):
+        return "batch"
+    pos = event.position
+    key = getattr(event, "key", None)
+    shown = json.dumps(dict(key), default=str)[:200] if key else "null"
+    return f"{pos.topic}[{pos.partition}]@{pos.offset} key={shown}"
 
 
 def _re(text: str) -> str:

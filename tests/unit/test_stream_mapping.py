@@ -44,3 +44,16 @@ def test_a_mapping_that_succeeds_returns_its_event() -> None:
     loop = SimpleNamespace(_map=lambda event: ("mapped", event))
     got: Any = StreamLoop._mapped(loop, "e", _Message())  # type: ignore[arg-type]
     assert got == ("mapped", "e")
+
+
+def test_an_apply_error_without_the_message_names_the_decoded_key() -> None:
+    # In halt mode the batch keeps no messages: the halt names the event's own position
+    # and key, as the message would have.
+    from cdcsync.core.events import Position
+    from cdcsync.engine.stream import _event_where
+
+    event = SimpleNamespace(position=Position("m.public.people", 2, 41), key={"id": 7})
+    assert _event_where(event) == 'm.public.people[2]@41 key={"id": 7}'  # type: ignore[arg-type]
+    keyless = SimpleNamespace(position=Position("m.public.log", 0, 3), key={})
+    assert _event_where(keyless) == "m.public.log[0]@3 key=null"  # type: ignore[arg-type]
+    assert _event_where(None) == "batch"
