@@ -314,8 +314,8 @@ class StreamLoop:
             self.settings.apply.batch_max_wait_ms / 1000.0,
         )
         observer, direction = self.observer, self.endpoint.direction
-        # Only a dead letter needs the original message; holding every message of a
-        # 20,000-event batch (≈ 4.5 KB each as JSON) would double the applier's memory.
+        # Only a dead letter needs the original message (a halt names the decoded key):
+        # the default policy does not hold a whole batch of raw messages until applied.
         keep_raw = self.settings.apply.on_error == "dead-letter"
         observer.stream_started(direction, self.endpoint.tables)
         try:
