@@ -768,7 +768,7 @@ def _where(msg: Any) -> str:
 
 def _event_where(event: Event | None) -> str:
     """``_where`` for an event whose message was not kept: the key as decoded."""
-    if event is None or not hasattr(event, "position"):
+    if event is None:
         return "batch"
     pos = event.position
     key = getattr(event, "key", None)
