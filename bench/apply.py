@@ -63,7 +63,7 @@ from cdcsync.config import load_settings
 from cdcsync.core.connector_config import converter_settings
 from cdcsync.core.events import Event, TableId
 from cdcsync.engine.drain import applied_offsets, connector_lsn, end_offsets, lagging
-from cdcsync.engine.stream import Endpoint, StreamLoop
+from cdcsync.engine.stream import FETCH, Endpoint, StreamLoop
 from tests.integration.workload import conninfo_env, digests_in
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
@@ -127,6 +127,7 @@ def all_messages(bootstrap: str, topics: list[str], total: int, keep: bool = Tru
             "group.id": f"bench-{secrets.token_hex(4)}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
+            **FETCH,  # fetched as the applier fetches
         }
     )
     consumer.subscribe(topics)
@@ -491,7 +492,8 @@ def main() -> None:
     finally:
         for db in created:
             drop(target_admin, db)
-        delete_topics(bootstrap, prefix)
+        if not os.environ.get("BENCH_KEEP_TOPICS"):
+            delete_topics(bootstrap, prefix)
         with psycopg.connect(source_admin, autocommit=True) as conn:
             conn.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "

@@ -73,9 +73,13 @@ class Column:
     pg_type: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SourceInfo:
-    """Where and when the change happened on the source."""
+    """Where and when the change happened on the source.
+
+    Not frozen, like :class:`RowChange`: one is built per event, and a frozen
+    dataclass's constructor costs three times as much. Neither is changed once built.
+    """
 
     lsn: int | None
     tx_id: int | None
@@ -83,7 +87,7 @@ class SourceInfo:
     snapshot: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowChange:
     """An insert, update, delete or snapshot read of one row.
 
