@@ -84,6 +84,8 @@ def key_of(change: RowChange) -> KeyTuple:
 
 
 def _available(row: Mapping[str, Value]) -> dict[str, Value]:
+    if UNAVAILABLE not in row.values():  # the common case, without a Python-level loop
+        return dict(row)
     return {k: v for k, v in row.items() if v is not UNAVAILABLE}
 
 
@@ -92,20 +94,27 @@ def plan_batch(events: Iterable[Event]) -> dict[TableId, TablePlan]:
     plans: dict[TableId, TablePlan] = {}
     for event in events:
         if isinstance(event, Truncate):
-            plan = plans.setdefault(event.table, TablePlan(event.table))
+            plan = _plan_of(plans, event.table)
             plan.truncate = True
             plan.keyed.clear()
             plan.keyless.clear()
             continue
         if not isinstance(event, RowChange):
             continue  # tombstones, heartbeats and messages change no row
-        plan = plans.setdefault(event.table, TablePlan(event.table))
+        plan = _plan_of(plans, event.table)
         if not event.keyed:
             plan.keyless.append(KeylessOp(event.op, event.before, event.after, event.position))
             continue
         plan.key_columns = tuple(sorted(event.key))
         _apply_keyed(plan, event)
     return plans
+
+
+def _plan_of(plans: dict[TableId, TablePlan], table: TableId) -> TablePlan:
+    plan = plans.get(table)  # not setdefault: that would build a plan per event
+    if plan is None:
+        plan = plans[table] = TablePlan(table)
+    return plan
 
 
 def _apply_keyed(plan: TablePlan, change: RowChange) -> None:

@@ -258,6 +258,7 @@ class Decoder:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, bool], tuple[bytes, Any]] = {}
         self._tables: dict[tuple[str, str], TableId] = {}
+        self._kinds: dict[tuple[str, str], str] = {}
 
     def decode(
         self,
@@ -313,6 +314,12 @@ class Decoder:
 
     def _table(self, payload: dict[str, Any]) -> TableId:
         source = payload.get("source")
+        if type(source) is dict:
+            schema, table = source.get("schema"), source.get("table")
+            if type(schema) is str and type(table) is str:
+                found = self._tables.get((schema, table))  # holds validated names only
+                if found is not None:
+                    return found
         if not isinstance(source, dict):
             raise DecodeError("missing source block", "payload.source")
         schema, table = _check(source.get("schema")), _check(source.get("table"))
@@ -334,20 +341,52 @@ class Decoder:
         prefix: str,
         parse: Callable[[bytes], Any],
     ) -> Event:
+        kind = self._kinds.get((topic, prefix))
+        if kind is None:
+            kind = self._topic_kind(topic, prefix)
+        if kind != _CHANGES:
+            return self._not_a_change(kind, topic, position, value, prefix)
+        if value is None:
+            # Tombstones follow deletes; a keyless table's tombstone has a null key too.
+            return Tombstone(position)
+        return self._json_change(topic, position, key, value, parse)
+
+    def _topic_kind(self, topic: str, prefix: str) -> str:
+        """What ``topic`` carries, remembered per topic (the names are checked once)."""
         if topic.startswith(f"{HEARTBEAT_TOPIC_PREFIX}."):
+            kind = _HEARTBEATS
+        elif not topic.startswith(f"{prefix}."):
+            kind = _FOREIGN
+        elif topic == f"{prefix}.transaction":
+            kind = _TRANSACTIONS
+        else:
+            kind = _CHANGES
+        if len(self._kinds) >= _CACHE_LIMIT:
+            self._kinds.clear()
+        self._kinds[(topic, prefix)] = kind
+        return kind
+
+    def _not_a_change(
+        self, kind: str, topic: str, position: Position, value: bytes | None, prefix: str
+    ) -> Event:
+        if kind == _HEARTBEATS:
             if value is None:
                 return Heartbeat(position, None, None)
             _schema, payload = _envelope(_loads(value, "value"), "value")
             ts = payload.get("ts_ms") if isinstance(payload, dict) else None
             return Heartbeat(position, None, ts if isinstance(ts, int) else None)
-        if not topic.startswith(f"{prefix}."):
+        if kind == _FOREIGN:
             raise DecodeError(f"topic {topic!r} is not under the migration's prefix {prefix!r}")
-        if topic == f"{prefix}.transaction":
-            return Heartbeat(position, None, None)
-        if value is None:
-            # Tombstones follow deletes; a keyless table's tombstone has a null key too.
-            return Tombstone(position)
+        return Heartbeat(position, None, None)  # transaction metadata
 
+    def _json_change(
+        self,
+        topic: str,
+        position: Position,
+        key: bytes | None,
+        value: bytes,
+        parse: Callable[[bytes], Any],
+    ) -> Event:
         plan, payload = self._document(topic, False, value, parse)
         if not isinstance(payload, dict):
             raise DecodeError("value payload is not an object", "payload")
@@ -397,11 +436,14 @@ class Decoder:
         if key_row:
             image = after if after is not None else before
             assert image is not None
-            missing = [k for k in key_row if k not in image]
-            if missing:
-                raise DecodeError(f"key columns {missing} are not in the row", "key")
-            if kind is not Op.DELETE and any(image[k] != v for k, v in key_row.items()):
-                raise DecodeError("key does not match the row's key columns", "key")
+            deleted = kind is Op.DELETE
+            for k, v in key_row.items():  # a loop: faster than building the lists below
+                got = image.get(k, _ABSENT)
+                if got is _ABSENT or (not deleted and got != v):
+                    missing = [k for k in key_row if k not in image]
+                    if missing:
+                        raise DecodeError(f"key columns {missing} are not in the row", "key")
+                    raise DecodeError("key does not match the row's key columns", "key")
         elif kind in (Op.UPDATE, Op.DELETE) and before is None:
             raise DecodeError("keyless change without a before image (REPLICA IDENTITY FULL?)")
 
@@ -419,6 +461,8 @@ class Decoder:
 
 
 _NONE_INEXACT: frozenset[str] = frozenset()
+_ABSENT = object()
+_CHANGES, _HEARTBEATS, _TRANSACTIONS, _FOREIGN = "changes", "heartbeats", "transactions", "foreign"
 _DEFAULT = Decoder()
 
 
@@ -481,6 +525,12 @@ def _row(payload: Any, plan: _RowPlan | None, where: str) -> tuple[dict[str, Val
 
 def _source(payload: dict[str, Any]) -> SourceInfo:
     source = payload.get("source")
+    if type(source) is dict:
+        # The common shape, checked by exact type (a bool is not an int here either).
+        lsn, tx_id, ts_ms = source.get("lsn"), source.get("txId"), source.get("ts_ms")
+        snapshot = source.get("snapshot")
+        if type(lsn) is int and type(tx_id) is int and type(ts_ms) is int and type(snapshot) is str:
+            return SourceInfo(lsn, tx_id, ts_ms, snapshot != "false")
     if not isinstance(source, dict):
         raise DecodeError("missing source block", "payload.source")
     snapshot = _check(source.get("snapshot"))
