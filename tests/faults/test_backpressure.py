@@ -6,8 +6,9 @@ while the source inserts tens of thousands of ~2 KB rows into it as fast as it c
 nothing is applied; the question is what the process holds meanwhile. The bound, by
 construction of the consumer and the batch:
 
-- librdkafka prefetches at most ``queued.max.messages.kbytes`` (64 MiB) into its queue,
-  plus one fetch response in flight (``fetch.max.bytes``, 16 MiB);
+- librdkafka prefetches at most ``queued.max.messages.kbytes`` (16 MiB) into its queue,
+  plus one fetch response in flight (``fetch.max.bytes``, 16 MiB, at most 256 kB of
+  each partition: ``cdcsync.engine.stream.FETCH``);
 - the batch being applied holds at most ``apply.batch_max_bytes`` (32 MiB) of message
   values plus their decoded events (of the same order);
 - the interpreter, psycopg, confluent-kafka and the HTTP endpoints take ~70-90 MiB.
