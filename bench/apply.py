@@ -3,14 +3,15 @@
 One source workload (pgbench plus an insert-heavy table) is captured twice from the
 same point: by Debezium into Kafka topics (then the connector is removed), and by a
 second logical slot for PostgreSQL's native logical replication. Each contender starts
-from the same restored target and is timed until it has applied everything; each
-result is checked against the source by per-table digests. Ceilings: consume-only,
+from the same restored target and is timed until it has applied everything (cdcsync in
+a process of its own, as the daemon runs, the sink in Connect's JVM); each result is
+checked against the source by per-table digests. Ceilings: consume-only,
 decode-only, and apply-only (pre-decoded events). The last line is one JSON object.
 
     python bench/apply.py --scale 10 --transactions 20000 --inserts 200000
 
-``--applier-rss`` also drains the topics with cdcsync in a fresh process and reports its
-peak RSS (VmHWM): the memory the applier needs for a backlog, without the ceilings' lists.
+``--applier-rss`` drains the topics once more with cdcsync and reports its RSS every 5 s
+and its peak (VmHWM): the memory the applier needs for a backlog.
 ``--skip jdbc_sink,native_logical`` leaves out peers on large runs (ratios then omitted);
 ``--skip ceilings,cdcsync,jdbc_sink,native_logical --applier-rss`` only fills the topics and
 drains them with the applier in its own process (a large backlog, for its memory).
@@ -24,7 +25,7 @@ NAME:KEY=VALUE,...`` (repeatable) drains the same topics again with those librdk
 settings merged into every consumer (``consume.batch=N``: messages per ``consume()``),
 timing the consume ceiling and cdcsync for each, beside a ``default`` variant;
 ``--applier-consumer KEY=VALUE,...`` does the same for the ``--applier-rss`` process.
-The topics are deleted at the end.
+The topics are deleted at the end (kept with ``BENCH_KEEP_TOPICS=1``).
 
 Needs CDCSYNC_SOURCE_DSN, CDCSYNC_TARGET_DSN, CDCSYNC_KAFKA_BOOTSTRAP,
 CDCSYNC_CONNECT_URL and CDCSYNC_CONNECT_SECRETS_FILE (``cdcsync stack env``).
@@ -305,7 +306,6 @@ def main() -> None:
     dump = Path(tempfile.mkdtemp()) / "base.dump"
     results: dict[str, list[float]] = {}
     created: list[str] = []
-    report = dump.parent / "applier-rss.json"
     applier_rss_mb: float | None = None
     applier_rate: float | None = None
     events = 0
@@ -338,12 +338,17 @@ def main() -> None:
             flush=True,
         )
 
+        def record(label: str, elapsed: float, extra: str = "") -> None:
+            results.setdefault(label, []).append(elapsed)
+            print(
+                f"{label:22s} {elapsed:8.2f} s  {events / elapsed:10.0f} events/s{extra}",
+                flush=True,
+            )
+
         def timed(label: str, fn: Any) -> None:
             t = time.perf_counter()
             fn()
-            elapsed = time.perf_counter() - t
-            results.setdefault(label, []).append(elapsed)
-            print(f"{label:22s} {elapsed:8.2f} s  {events / elapsed:10.0f} events/s", flush=True)
+            record(label, time.perf_counter() - t)
 
         for round_no in range(args.repeat):
             if "ceilings" not in skip:
@@ -402,21 +407,20 @@ def main() -> None:
                     created.append(db)
                     mig = f"{prefix}_r{round_no}_{len(created)}"
                     target, s = cdcsync_target(target_admin, dump, db, settings, mig)
-                    loop = StreamLoop(s, Endpoint("forward", prefix, target, source, set(tables)))
-
-                    def cdcsync_run(
-                        loop: StreamLoop = loop, target: str = target, mig: str = mig
-                    ) -> None:
-                        thread = threading.Thread(target=loop.run, daemon=True)
-                        thread.start()
-                        with psycopg.connect(target) as conn:
-                            while lagging(ends, applied_offsets(conn, "cdcsync", mig, "forward")):
-                                conn.rollback()
-                                time.sleep(0.05)
-                        loop.stop.set()
-                        thread.join()
-
-                    timed(f"cdcsync{suffix}", cdcsync_run)
+                    # In a process of its own, as the daemon runs (and as the sink runs in
+                    # Connect's JVM): not in this one, which holds the ceilings' messages.
+                    drained = drain_in_child(
+                        s,
+                        Endpoint("forward", prefix, target, source, set(tables)),
+                        ends,
+                        overrides,
+                        batch,
+                    )
+                    record(
+                        f"cdcsync{suffix}",
+                        drained["seconds"],
+                        f"  peak RSS {drained['vmhwm_kb'] / 1024:.0f} MB",
+                    )
                     check(target, expected, f"cdcsync{suffix}")
 
             # Debezium JDBC sink.
@@ -462,23 +466,15 @@ def main() -> None:
             db = f"bench_rss_{run}"
             created.append(db)
             target, s = cdcsync_target(target_admin, dump, db, settings, f"{prefix}_rss")
-            child = multiprocessing.get_context("spawn").Process(
-                target=_drain_child,
-                args=(
-                    s,
-                    Endpoint("forward", prefix, target, source, set(tables)),
-                    ends,
-                    report,
-                    parse_pairs(args.applier_consumer),
-                ),
-            )
             t = time.perf_counter()
-            child.start()
-            child.join()
+            rss = drain_in_child(
+                s,
+                Endpoint("forward", prefix, target, source, set(tables)),
+                ends,
+                parse_pairs(args.applier_consumer),
+                None,
+            )
             elapsed = time.perf_counter() - t
-            if child.exitcode != 0:
-                raise SystemExit(f"the applier process exited with {child.exitcode}")
-            rss = json.loads(report.read_text())
             applier_rss_mb = rss["vmhwm_kb"] / 1024
             applier_rate = events / rss["seconds"]
             curve = " ".join(f"{n / 1e6:.2f}M:{kb / 1024:.0f}" for n, kb in rss["samples"])
@@ -530,12 +526,38 @@ def main() -> None:
     )
 
 
+def drain_in_child(
+    settings: Any,
+    endpoint: Endpoint,
+    ends: Any,
+    overrides: dict[str, str],
+    batch: int | None,
+) -> dict[str, Any]:
+    """Drain with cdcsync in a fresh interpreter: its drain time, peak RSS and samples."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "drain.json"
+        child = multiprocessing.get_context("spawn").Process(
+            target=_drain_child, args=(settings, endpoint, ends, report, overrides, batch)
+        )
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"the applier process exited with {child.exitcode}")
+        out: dict[str, Any] = json.loads(report.read_text())
+    return out
+
+
 def _drain_child(
-    settings: Any, endpoint: Endpoint, ends: Any, report: Path, overrides: dict[str, str]
+    settings: Any,
+    endpoint: Endpoint,
+    ends: Any,
+    report: Path,
+    overrides: dict[str, str],
+    batch: int | None,
 ) -> None:
-    """Drain with cdcsync in a fresh interpreter, then write its peak RSS to ``report``,
-    with RSS samples (events applied, kB) taken every 5 s so a trend shows."""
-    with tuned_consumers(overrides, None):
+    """Drain with cdcsync, then write its peak RSS to ``report``, with RSS samples
+    (events applied, kB) taken every 5 s so a trend shows."""
+    with tuned_consumers(overrides, batch):
         _drain(settings, endpoint, ends, report)
 
 

@@ -18,6 +18,7 @@ import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -292,8 +293,7 @@ class PgApplier:
     def _upsert(
         self, meta: TableMeta, columns: tuple[str, ...], partial: bool, group: list[Upsert]
     ) -> None:
-        rows = [tuple(up.row[c] for c in columns) for up in group]
-        stage = self._stage(meta, columns, rows)
+        stage = self._stage(meta, columns, _project([up.row for up in group], columns))
         target = sql.Identifier(meta.table.schema, meta.table.name)
         cols = sql.SQL(", ").join(map(sql.Identifier, columns))
         planned = self.transforms.get(meta.table, {})
@@ -319,9 +319,9 @@ class PgApplier:
                         _match(meta.key),
                     )
                 )
-                if done.rowcount != len(rows):
+                if done.rowcount != len(group):
                     raise ApplyError(
-                        f"{meta.table}: {len(rows) - done.rowcount} update(s) of unchanged "
+                        f"{meta.table}: {len(group) - done.rowcount} update(s) of unchanged "
                         "TOASTed rows found no row on the target",
                         group[0].position,
                     )
@@ -464,6 +464,15 @@ class PgApplier:
         plans = plan_batch([event])
         for plan in plans.values():
             self._apply_plan(plan, stats)
+
+
+def _project(rows: list[dict[str, Value]], columns: Sequence[str]) -> list[tuple[Value, ...]]:
+    """``columns`` of each row, as tuples (itemgetter: no generator per row)."""
+    if len(columns) == 1:
+        only = columns[0]
+        return [(row[only],) for row in rows]
+    get = itemgetter(*columns)
+    return [get(row) for row in rows]
 
 
 def _match(key: Sequence[str]) -> sql.Composed:

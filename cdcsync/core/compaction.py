@@ -36,7 +36,7 @@ from cdcsync.core.events import (
 KeyTuple: TypeAlias = tuple[tuple[str, Value], ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class Upsert:
     """The final image of a key; ``partial`` when some columns must keep target values."""
 
@@ -46,13 +46,13 @@ class Upsert:
     position: Position
 
 
-@dataclass
+@dataclass(slots=True)
 class Delete:
     key: dict[str, Value]
     position: Position
 
 
-@dataclass
+@dataclass(slots=True)
 class KeylessOp:
     """One change of a table without a key, applied to exactly one matching row."""
 
