@@ -70,7 +70,6 @@ class TablePlan:
     truncate: bool = False
     keyed: dict[KeyTuple, Upsert | Delete] = field(default_factory=dict)
     keyless: list[KeylessOp] = field(default_factory=list)
-    key_columns: tuple[str, ...] = ()
 
     def deletes(self) -> list[Delete]:
         return [s for s in self.keyed.values() if isinstance(s, Delete)]
@@ -80,7 +79,10 @@ class TablePlan:
 
 
 def key_of(change: RowChange) -> KeyTuple:
-    return tuple(sorted(change.key.items()))
+    key = change.key
+    if len(key) == 1:  # the common case: one column is already in order
+        return tuple(key.items())
+    return tuple(sorted(key.items()))
 
 
 def _available(row: Mapping[str, Value]) -> dict[str, Value]:
@@ -93,46 +95,42 @@ def plan_batch(events: Iterable[Event]) -> dict[TableId, TablePlan]:
     """Compact a batch into per-table plans; events must be in order per key."""
     plans: dict[TableId, TablePlan] = {}
     for event in events:
-        if isinstance(event, Truncate):
-            plan = _plan_of(plans, event.table)
+        if type(event) is RowChange:
+            table = event.table
+            plan = plans.get(table)  # not setdefault: that would build a plan per event
+            if plan is None:
+                plan = plans[table] = TablePlan(table)
+            if event.key:
+                _apply_keyed(plan, event)
+            else:
+                plan.keyless.append(KeylessOp(event.op, event.before, event.after, event.position))
+        elif isinstance(event, Truncate):
+            plan = plans.get(event.table) or plans.setdefault(event.table, TablePlan(event.table))
             plan.truncate = True
             plan.keyed.clear()
             plan.keyless.clear()
-            continue
-        if not isinstance(event, RowChange):
-            continue  # tombstones, heartbeats and messages change no row
-        plan = _plan_of(plans, event.table)
-        if not event.keyed:
-            plan.keyless.append(KeylessOp(event.op, event.before, event.after, event.position))
-            continue
-        plan.key_columns = tuple(sorted(event.key))
-        _apply_keyed(plan, event)
+        # tombstones, heartbeats and messages change no row
     return plans
-
-
-def _plan_of(plans: dict[TableId, TablePlan], table: TableId) -> TablePlan:
-    plan = plans.get(table)  # not setdefault: that would build a plan per event
-    if plan is None:
-        plan = plans[table] = TablePlan(table)
-    return plan
 
 
 def _apply_keyed(plan: TablePlan, change: RowChange) -> None:
     key = key_of(change)
-    pending = plan.keyed.get(key)
-    if change.op is Op.DELETE:
+    op = change.op
+    if op is Op.DELETE:
         plan.keyed[key] = Delete(dict(change.key), change.position)
         return
     after = change.after
     assert after is not None  # decoding guarantees an after image for c/r/u
     refetch = bool(change.inexact)
-    if change.op in (Op.INSERT, Op.READ) or isinstance(pending, Delete) or pending is None:
+    pending = plan.keyed.get(key)
+    if pending is None or op is not Op.UPDATE or type(pending) is Delete:
         row = _available(after)
-        partial = len(row) < len(after) and change.op is Op.UPDATE
-        if change.op is not Op.UPDATE and len(row) < len(after):
+        short = len(row) < len(after)
+        if short and op is not Op.UPDATE:
             refetch = True  # a create carrying the TOAST placeholder (key change)
-        plan.keyed[key] = Upsert(row, partial, refetch, change.position)
+        plan.keyed[key] = Upsert(row, short and op is Op.UPDATE, refetch, change.position)
         return
+    assert type(pending) is Upsert
     merged = dict(pending.row)
     merged.update(_available(after))
     plan.keyed[key] = Upsert(

@@ -184,12 +184,20 @@ def _key_fields(schema: dict[str, Any] | None) -> dict[str, dict[str, Any]] | No
 class _RowPlan:
     """A struct schema compiled once: field names and one converter per field."""
 
-    __slots__ = ("converters", "names")
+    __slots__ = ("converters", "names", "schemas")
 
     def __init__(self, schemas: dict[str, dict[str, Any]], where: str) -> None:
         self.names = frozenset(schemas)
+        self.schemas = schemas
         self.converters = tuple(
             (name, compile_converter(s, f"{where}.{name}")) for name, s in schemas.items()
+        )
+
+    def same_fields(self, other: _RowPlan | None) -> bool:
+        """Whether each of this plan's fields has the same schema in ``other``: the same
+        JSON value then decodes to the same PostgreSQL value under either plan."""
+        return other is not None and all(
+            other.schemas.get(name) == schema for name, schema in self.schemas.items()
         )
 
 
@@ -239,10 +247,24 @@ class _ValuePlan:
 
 
 class _KeyPlan:
-    __slots__ = ("rows",)
+    __slots__ = ("agrees", "rows")
 
     def __init__(self, schema: dict[str, Any] | None) -> None:
         self.rows: _Deferred = _defer(lambda: _plan_rows(_key_fields(schema), "key"))
+        # The row plan last found to give the key's fields the key's own schemas, and
+        # whether it does: then the key is checked on the raw JSON and taken from the
+        # decoded row, not decoded twice. Rewritten whole, so safe across threads.
+        self.agrees: tuple[_RowPlan | None, bool] = (None, False)
+
+    def agrees_with(self, image: _RowPlan | None) -> bool:
+        rows = self.rows
+        if not isinstance(rows, _RowPlan) or image is None:
+            return False
+        seen, same = self.agrees
+        if seen is not image:
+            same = rows.same_fields(image)
+            self.agrees = (image, same)
+        return same
 
 
 class Decoder:
@@ -395,56 +417,57 @@ class Decoder:
             return _message(payload, position)
         if op == "t":
             return Truncate(self._table(payload), _source(payload), position)
-        if op not in _OPS:
+        kind = _OPS.get(op)
+        if kind is None:
             raise DecodeError(f"unknown op {op!r}", "payload.op")
         table = self._table(payload)
+
+        before_plan = _need(plan.before)
+        after_plan = _need(plan.after)
+        before = after = None
+        before_inexact = after_inexact = _NO_NAMES
+        raw_before, raw_after = payload.get("before"), payload.get("after")
+        if raw_before is not None:
+            before, before_inexact = _row(raw_before, before_plan, "payload.before")
+        if raw_after is not None:
+            after, after_inexact = _row(raw_after, after_plan, "payload.after")
+
+        if kind in (Op.INSERT, Op.READ, Op.UPDATE) and after is None:
+            raise DecodeError(f"op {op!r} without an after image", "payload.after")
+        if kind is Op.DELETE and before is None:
+            raise DecodeError("delete without a before image", "payload.before")
 
         key_row: dict[str, Value] = {}
         if key is not None:
             key_plan, key_payload = self._document(topic, True, key, parse)
             if key_payload is not None:
-                key_row, key_inexact = _row(key_payload, _need(key_plan.rows), "key")
-                if key_inexact:
-                    raise DecodeError(
-                        f"key columns {sorted(key_inexact)} cannot be carried exactly", "key"
+                deleted = kind is Op.DELETE
+                if after is not None:
+                    key_row = _key(
+                        key_plan, key_payload, after, raw_after, after_plan, after_inexact, deleted
+                    )
+                else:
+                    assert before is not None
+                    key_row = _key(
+                        key_plan,
+                        key_payload,
+                        before,
+                        raw_before,
+                        before_plan,
+                        before_inexact,
+                        deleted,
                     )
 
-        before_plan = _need(plan.before)
-        after_plan = _need(plan.after)
-        before = after = None
-        inexact: set[str] = set()
-        if payload.get("before") is not None:
-            before, before_inexact = _row(payload["before"], before_plan, "payload.before")
-            if not key_row:
-                # Only a keyless table matches rows by the before image.
-                inexact |= before_inexact
-        if payload.get("after") is not None:
-            after, after_inexact = _row(payload["after"], after_plan, "payload.after")
-            inexact |= after_inexact
-
-        kind = _OPS[op]
-        if kind in (Op.INSERT, Op.READ) and after is not None:
+        inexact = after_inexact
+        if not key_row and before_inexact:
+            # Only a keyless table matches rows by the before image.
+            inexact = inexact | before_inexact
+        creates = kind is Op.INSERT or kind is Op.READ
+        if creates and after is not None and UNAVAILABLE in after.values():
             # The create half of a key change can carry the TOAST placeholder: the real
             # value exists only on the source.
-            for name, v in after.items():
-                if v is UNAVAILABLE:
-                    inexact.add(name)
-        if kind in (Op.INSERT, Op.READ, Op.UPDATE) and after is None:
-            raise DecodeError(f"op {op!r} without an after image", "payload.after")
-        if kind is Op.DELETE and before is None:
-            raise DecodeError("delete without a before image", "payload.before")
-        if key_row:
-            image = after if after is not None else before
-            assert image is not None
-            deleted = kind is Op.DELETE
-            for k, v in key_row.items():  # a loop: faster than building the lists below
-                got = image.get(k, _ABSENT)
-                if got is _ABSENT or (not deleted and got != v):
-                    missing = [k for k in key_row if k not in image]
-                    if missing:
-                        raise DecodeError(f"key columns {missing} are not in the row", "key")
-                    raise DecodeError("key does not match the row's key columns", "key")
-        elif kind in (Op.UPDATE, Op.DELETE) and before is None:
+            inexact = inexact | {name for name, v in after.items() if v is UNAVAILABLE}
+        if not key_row and kind in (Op.UPDATE, Op.DELETE) and before is None:
             raise DecodeError("keyless change without a before image (REPLICA IDENTITY FULL?)")
 
         return RowChange(
@@ -461,7 +484,55 @@ class Decoder:
 
 
 _NONE_INEXACT: frozenset[str] = frozenset()
+_NO_NAMES: set[str] = set()  # shared, never written to
 _ABSENT = object()
+
+
+def _key(
+    plan: _KeyPlan,
+    payload: Any,
+    image: dict[str, Value],
+    raw_image: Any,
+    image_plan: _RowPlan | None,
+    image_inexact: set[str],
+    deleted: bool,
+) -> dict[str, Value]:
+    """The key's columns, checked against the row's (a delete's values are not compared:
+    with REPLICA IDENTITY DEFAULT its before image is the key and NULLs).
+
+    When the row's schema gives the key fields the key's own schemas, equal JSON values
+    decode equally: the key is compared raw and its values taken from the decoded row.
+    """
+    rows = _need(plan.rows)
+    if (
+        type(payload) is dict
+        and rows is not None
+        and payload.keys() == rows.names
+        and plan.agrees_with(image_plan)
+    ):
+        out: dict[str, Value] = {}
+        for name in rows.schemas:
+            got = raw_image.get(name, _ABSENT)
+            if got is _ABSENT or (not deleted and got != payload[name]):
+                break
+            if name in image_inexact:
+                raise DecodeError(f"key columns {[name]} cannot be carried exactly", "key")
+            out[name] = image[name]
+        else:
+            return out
+    key_row, key_inexact = _row(payload, rows, "key")
+    if key_inexact:
+        raise DecodeError(f"key columns {sorted(key_inexact)} cannot be carried exactly", "key")
+    for k, v in key_row.items():  # a loop: faster than building the lists below
+        got = image.get(k, _ABSENT)
+        if got is _ABSENT or (not deleted and got != v):
+            missing = [k for k in key_row if k not in image]
+            if missing:
+                raise DecodeError(f"key columns {missing} are not in the row", "key")
+            raise DecodeError("key does not match the row's key columns", "key")
+    return key_row
+
+
 _CHANGES, _HEARTBEATS, _TRANSACTIONS, _FOREIGN = "changes", "heartbeats", "transactions", "foreign"
 _DEFAULT = Decoder()
 
@@ -498,7 +569,7 @@ def _row(payload: Any, plan: _RowPlan | None, where: str) -> tuple[dict[str, Val
     if not isinstance(payload, dict):
         raise DecodeError("expected an object", where)
     row: dict[str, Value] = {}
-    inexact: set[str] = set()
+    inexact = _NO_NAMES  # a fresh set only when a column is inexact
     if plan is not None:
         names = plan.names
         complete = payload.keys() == names
@@ -508,12 +579,12 @@ def _row(payload: Any, plan: _RowPlan | None, where: str) -> tuple[dict[str, Val
                 raise DecodeError(f"fields not in the schema: {sorted(extra)[:5]}", where)
         for name, converter in plan.converters:
             if not complete and name not in payload:
-                inexact.add(name)  # Debezium left the column out (e.g. interval[])
+                inexact = inexact | {name}  # Debezium left the column out (interval[])
                 row[name] = None
                 continue
             got = converter(payload[name])
             if got is INEXACT_MARK:
-                inexact.add(name)
+                inexact = inexact | {name}
                 row[name] = None
             else:
                 row[name] = got

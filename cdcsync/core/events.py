@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 
 class _Unavailable(enum.Enum):
@@ -40,9 +40,12 @@ class Op(enum.Enum):
     READ = "r"  # a row from Debezium's own snapshot; applied as an upsert
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class TableId:
-    """A table by its true (unquoted, case-preserved) schema and name."""
+class TableId(NamedTuple):
+    """A table by its true (unquoted, case-preserved) schema and name.
+
+    A named tuple rather than a frozen dataclass: it keys every per-table dictionary
+    of the apply path, and a tuple hashes in C, without a Python-level ``__hash__``.
+    """
 
     schema: str
     name: str
@@ -51,9 +54,12 @@ class TableId:
         return f"{self.schema}.{self.name}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Position:
-    """Where a message sits in Kafka; the unit of exactly-once bookkeeping."""
+class Position(NamedTuple):
+    """Where a message sits in Kafka; the unit of exactly-once bookkeeping.
+
+    A named tuple: one is built per message, about five times faster than a frozen
+    dataclass.
+    """
 
     topic: str
     partition: int

@@ -379,8 +379,11 @@ class StreamLoop:
                         event = self._decode(msg, topic, partition, offset, value)
                         if self._map is not None and event is not None:
                             event = self._mapped(event, msg)
-                        if event is not None and self._replayed(
-                            event, msg, topic, partition, offset
+                        if (
+                            event is not None
+                            # keyed changes are idempotent: only others can be replays
+                            and (type(event) is not RowChange or not event.key)
+                            and self._replayed(event, msg, topic, partition, offset)
                         ):
                             # Applied before: its offset moves on with the batch.
                             batch.add(topic, partition, offset, len(value or b""))
@@ -660,11 +663,15 @@ class StreamLoop:
         )
         self.status.batches += 1
         self.status.events += len(events)
-        for event in events:
+        lsn = ts_ms = None
+        for event in reversed(events):  # the newest position with each field set
             if isinstance(event, RowChange | Truncate):
-                self.status.last_lsn = event.source.lsn or self.status.last_lsn
-                if event.source.commit_ts_ms:
-                    self.status.last_commit_ts_ms = event.source.commit_ts_ms
+                lsn = lsn or event.source.lsn
+                ts_ms = ts_ms or event.source.commit_ts_ms
+                if lsn and ts_ms:
+                    break
+        self.status.last_lsn = lsn or self.status.last_lsn
+        self.status.last_commit_ts_ms = ts_ms or self.status.last_commit_ts_ms
         if self.on_batch:
             self.on_batch(self.status)
         log.debug("batch of %d events applied: %s", len(events), stats.applied)
@@ -672,10 +679,14 @@ class StreamLoop:
 
     def _progress(self, batch: Batch, events: list[Event]) -> list[offset_store.Progress]:
         last: dict[tuple[str, int], tuple[int | None, int | None]] = {}
-        for event in events:
+        wanted = len(batch.next_offset)
+        for event in reversed(events):  # each partition's newest change, from the end
             if isinstance(event, RowChange | Truncate):
                 tp = (event.position.topic, event.position.partition)
-                last[tp] = (event.source.lsn, event.source.commit_ts_ms)
+                if tp not in last:
+                    last[tp] = (event.source.lsn, event.source.commit_ts_ms)
+                    if len(last) == wanted:
+                        break
         out = []
         for tp, nxt in batch.next_offset.items():
             first = batch.first_offset[tp]
