@@ -899,7 +899,6 @@ class AvroDecoder(Decoder):
         offset: int,
         key: bytes | None,
         value: bytes | None,
-        *,
         topic_prefix: str,
     ) -> Event:
         """One Kafka message → one event. Raises only DecodeError or HaltedError."""

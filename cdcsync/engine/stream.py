@@ -539,8 +539,8 @@ class StreamLoop:
                 )
         self.expected[key] = offset + 1
         try:
-            event = self._decode_message(
-                topic, partition, offset, msg.key(), value, topic_prefix=self.endpoint.topic_prefix
+            event = self._decode_message(  # positional: cheaper per message
+                topic, partition, offset, msg.key(), value, self.endpoint.topic_prefix
             )
             if isinstance(event, Truncate) and self._partitions(topic) > 1:
                 raise HaltedError(
