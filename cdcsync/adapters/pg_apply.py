@@ -466,7 +466,7 @@ class PgApplier:
             self._apply_plan(plan, stats)
 
 
-def _project(rows: list[dict[str, Value]], columns: Sequence[str]) -> list[tuple[Value, ...]]:
+def _project(rows: list[Mapping[str, Value]], columns: Sequence[str]) -> list[tuple[Value, ...]]:
     """``columns`` of each row, as tuples (itemgetter: no generator per row)."""
     if len(columns) == 1:
         only = columns[0]
@@ -481,7 +481,7 @@ def _match(key: Sequence[str]) -> sql.Composed:
     )
 
 
-def _key_text(meta: TableMeta, row: dict[str, Value]) -> str:
+def _key_text(meta: TableMeta, row: Mapping[str, Value]) -> str:
     return ", ".join(f"{k}={row.get(k)!r}" for k in meta.key)
 
 

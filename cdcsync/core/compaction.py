@@ -40,7 +40,7 @@ KeyTuple: TypeAlias = tuple[tuple[str, Value], ...]
 class Upsert:
     """The final image of a key; ``partial`` when some columns must keep target values."""
 
-    row: dict[str, Value]
+    row: Mapping[str, Value]
     partial: bool
     refetch: bool
     position: Position
@@ -48,7 +48,7 @@ class Upsert:
 
 @dataclass(slots=True)
 class Delete:
-    key: dict[str, Value]
+    key: Mapping[str, Value]
     position: Position
 
 
@@ -85,9 +85,11 @@ def key_of(change: RowChange) -> KeyTuple:
     return tuple(sorted(key.items()))
 
 
-def _available(row: Mapping[str, Value]) -> dict[str, Value]:
+def _available(row: Mapping[str, Value]) -> Mapping[str, Value]:
+    """``row`` without its unsent columns: itself when it has none (plans share the
+    event's images and never change them)."""
     if UNAVAILABLE not in row.values():  # the common case, without a Python-level loop
-        return dict(row)
+        return row
     return {k: v for k, v in row.items() if v is not UNAVAILABLE}
 
 
@@ -117,7 +119,7 @@ def _apply_keyed(plan: TablePlan, change: RowChange) -> None:
     key = key_of(change)
     op = change.op
     if op is Op.DELETE:
-        plan.keyed[key] = Delete(dict(change.key), change.position)
+        plan.keyed[key] = Delete(change.key, change.position)
         return
     after = change.after
     assert after is not None  # decoding guarantees an after image for c/r/u
