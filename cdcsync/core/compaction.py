@@ -107,7 +107,7 @@ def plan_batch(events: Iterable[Event]) -> dict[TableId, TablePlan]:
             else:
                 plan.keyless.append(KeylessOp(event.op, event.before, event.after, event.position))
         elif isinstance(event, Truncate):
-            plan = plans.get(event.table) or plans.setdefault(event.table, TablePlan(event.table))
+            plan = plans.setdefault(event.table, TablePlan(event.table))  # rare
             plan.truncate = True
             plan.keyed.clear()
             plan.keyless.clear()
