@@ -445,13 +445,22 @@ class Decoder:
         if key is not None:
             key_plan, key_payload = self._document(topic, True, key, parse)
             if key_payload is not None:
-                # Checked against the row the event carries: after, or a delete's before.
-                image = (
-                    (after, raw_after, after_plan, after_inexact)
-                    if after is not None
-                    else (before, raw_before, before_plan, before_inexact)
-                )
-                key_row = _key(key_plan, key_payload, *image, kind is Op.DELETE)
+                deleted = kind is Op.DELETE
+                if after is not None:
+                    key_row = _key(
+                        key_plan, key_payload, after, raw_after, after_plan, after_inexact, deleted
+                    )
+                else:
+                    assert before is not None
+                    key_row = _key(
+                        key_plan,
+                        key_payload,
+                        before,
+                        raw_before,
+                        before_plan,
+                        before_inexact,
+                        deleted,
+                    )
 
         inexact = after_inexact
         if not key_row and before_inexact:
@@ -489,7 +498,7 @@ _ABSENT = object()
 def _key(
     plan: _KeyPlan,
     payload: Any,
-    image: dict[str, Value] | None,
+    image: dict[str, Value],
     raw_image: Any,
     image_plan: _RowPlan | None,
     image_inexact: set[str],
@@ -502,7 +511,6 @@ def _key(
     decode equally: the key is compared raw and its values taken from the decoded row.
     """
     rows = _need(plan.rows)
-    assert image is not None  # decoding refused a change without its image before
     if (
         type(payload) is dict
         and rows is not None
